@@ -139,13 +139,16 @@ def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, wo
                                loss=loss)
 
 
-def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path) -> TrainResult:
+def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path, rows: Dataset | None = None) -> TrainResult:
     """Train an adapter per `config` on `dataset`; save it to `run_dir / "adapter"`.
+
+    `rows` (columns query, positive[, negative_1..N]) replaces the rows built from the config
+    (train split or `train_pairs`), e.g. rows with mined hard negatives.
 
     Returns the trained model (adapter attached, in eval mode) and the saved folder. The adapter
     folder appears only once training finished: an interrupted run leaves no `adapter/`.
     """
-    rows = _setup_rows(config, dataset)
+    rows = _setup_rows(config, dataset) if rows is None else rows
     model = _setup_model(config)
     trainer = _setup_trainer(config, model, rows, run_dir)
     trainer.train()
