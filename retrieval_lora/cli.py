@@ -31,7 +31,7 @@ def _add_field(parser: argparse.ArgumentParser, fld: dataclasses.Field, hints: d
     flag = "--" + fld.name.replace("_", "-")
     kind = _plain_type(hints[fld.name])
     default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()  # type: ignore[misc]
-    help_text = fld.metadata.get("help", "")
+    help_text = fld.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
     if kind is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                             help=f"{help_text} (default: {default})")

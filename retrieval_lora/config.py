@@ -79,7 +79,8 @@ def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (sorted keys) atomically to `path`."""
     from retrieval_lora.manifest import write_text_atomic
 
-    text = yaml.safe_dump(json.loads(json.dumps(config_to_dict(config), default=str)), sort_keys=True)
+    values = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in config_to_dict(config).items()}
+    text = yaml.safe_dump(json.loads(json.dumps(values, default=str)), sort_keys=True)
     write_text_atomic(Path(path), text)
 
 

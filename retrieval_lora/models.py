@@ -93,12 +93,17 @@ def check_task(task: str) -> None:
         raise ConfigError(f"task={task!r}: must be one of {', '.join(TASKS)}")
 
 
+HEAD_MODULES = ["classifier", "score"]  # scoring-head names of transformers' sequence classifiers
+
+
 def _quantization_config():
     from transformers import BitsAndBytesConfig
 
     compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    # The scoring head stays in full precision: it is trained in full (modules_to_save), and a
+    # 4-bit copy of a freshly initialized head would lose its quantization state when copied.
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+                              bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=HEAD_MODULES)
 
 
 def load_base(task: str, base: str = DEFAULT_BASE, *, qlora: bool = False, max_seq_length: int | None = None,
@@ -255,6 +260,28 @@ def load_adapter(model: RetrievalModel, path: str | Path, task: str, *, adapter_
                            "corrupt or incomplete: re-run training or restore it from the registry") from exc
     model.eval()
     return metadata
+
+
+def load_adapter_weights(model: RetrievalModel, folder: str | Path) -> None:
+    """Copy the adapter weights saved in `folder` (a PEFT folder or a trainer checkpoint) into the
+    adapter already attached to `model`. Used to resume training and to restore the best checkpoint.
+
+    Raises:
+        AdapterError: the folder has no adapter weights, or they do not fit the attached adapter.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = Path(folder) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise AdapterError(f"{folder} holds no adapter_model.safetensors; it is not a complete checkpoint")
+    inner = transformer_of(model)
+    if not isinstance(inner, PeftModel):
+        raise AdapterError("attach an adapter (attach_lora) before loading adapter weights into it")
+    result = set_peft_model_state_dict(inner, load_file(str(weights)))
+    if result.unexpected_keys:
+        raise AdapterError(f"{weights} does not fit this adapter (unexpected {result.unexpected_keys[:3]}...); "
+                           "it was saved with other LoRA settings")
 
 
 def merge_adapter(model: RetrievalModel) -> RetrievalModel:

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 from retrieval_lora.cli import build_parser, config_from_args, run_cli
-from retrieval_lora.config import save_config
 from retrieval_lora.data import dataset_fingerprint, load_dataset
 from retrieval_lora.evaluation import Comparison, compare_with_base
 from retrieval_lora.manifest import write_json_atomic
 from retrieval_lora.models import TASKS
-from retrieval_lora.training import SCHEDULES, TrainConfig, json_ready, train_adapter
+from retrieval_lora.training import LOSSES, SCHEDULES, TrainConfig, json_ready, train_adapter
 
 EPILOG = """examples:
   python -m retrieval_lora.train --task embedder
@@ -39,15 +38,17 @@ def format_comparison(comparison: Comparison) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(TrainConfig, __doc__, prog="python -m retrieval_lora.train", epilog=EPILOG,
-                          choices={"task": TASKS, "schedule": SCHEDULES})
+                          choices={"task": TASKS, "schedule": SCHEDULES,
+                                   "loss": ("auto", *sorted({l for group in LOSSES.values() for l in group}))})
     config: TrainConfig = config_from_args(TrainConfig, parser.parse_args(argv))
     run_dir = Path(config.output) / config.task
     started = time.time()
     dataset = load_dataset(config.data)
     print(f"Dataset {dataset.root} ({len(dataset.corpus)} documents, splits {dataset.splits}, "
           f"fingerprint {dataset_fingerprint(dataset)})", flush=True)
-    save_config(config, run_dir / "config.yaml")
     result = train_adapter(config, dataset, run_dir)
+    if result.resumed_from:
+        print(f"Resumed from {result.resumed_from}")
     print(f"Trained {result.trainable:,} of {result.total:,} parameters "
           f"({100 * result.trainable / result.total:.2f}%) on {result.train_rows} rows", flush=True)
     comparison = compare_with_base(config.task, result.model, dataset, config.eval_split, base=config.base,

