@@ -1,0 +1,63 @@
+"""The settings of hard-negative mining, validated in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from retrieval_lora.config import field
+from retrieval_lora.errors import ConfigError
+
+SAMPLINGS = ("top", "random")
+INDEXES = ("auto", "exact", "ivf", "hnsw")
+CACHE_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class MiningConfig:
+    """How negatives are chosen for each (query, positive) training row.
+
+    Candidates are the documents at ranks `rank_start` .. `rank_end - 1` (0-based) of the
+    query's ranking with its labelled positives (and exact text duplicates of them) removed.
+    Guards against unlabelled positives then drop candidates scoring above `margin` x the
+    row's positive score and, optionally, those a cross-encoder scores likewise above the
+    positive. `negatives` of the survivors are kept (`top`: the best ranked; `random`: a
+    seeded sample). A row with fewer survivors is dropped and counted.
+    """
+
+    negatives: int = field(4, "hard negatives per (query, positive) row")
+    rank_start: int = field(10, "first rank (0-based, positives excluded) a negative may come from; skips the top ones, likely unlabelled positives")
+    rank_end: int = field(100, "end of the candidate window (exclusive); must not exceed the corpus size")
+    margin: float = field(0.95, "drop candidates scoring above margin x the positive's score (sign-safe: pos - |pos| x (1 - margin)); 0 turns the filter off")
+    sampling: str = field("top", "which survivors become negatives: 'top' (best ranked) or 'random' (seeded sample)")
+    index: str = field("auto", "FAISS index: 'exact' (flat inner product), 'ivf', 'hnsw', or 'auto' (approximate above --approximate-above documents)")
+    approximate_above: int = field(500_000, "with --index auto: use an HNSW index for corpora larger than this")
+    nprobe: int = field(32, "IVF only: clusters visited per query (more = higher recall, slower)")
+    ef_search: int = field(256, "HNSW only: search breadth (raised to the search depth if lower)")
+    recall_queries: int = field(200, "approximate index: queries (seeded sample) whose recall against exact search is measured")
+    seed: int = field(42, "seed of random sampling and of the recall sample")
+    batch_size: int = field(64, "texts per encoding batch")
+    cache_dir: str | None = field("data/cache/embeddings", "embedding cache folder (reused across runs and by evaluation); '' to turn it off")
+    cache_dtype: str = field("float16", "storage type of cached embeddings: float16 (half the size) or float32")
+    cross_encoder: str | None = field(None, "optional cross-encoder (folder or hub id) whose scores also filter false negatives")
+    show_progress: bool = field(True, "show encoding progress bars")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.negatives < 1:
+            problems.append(f"negatives={self.negatives}: must be >= 1")
+        if self.rank_start < 0:
+            problems.append(f"rank_start={self.rank_start}: must be >= 0")
+        if self.rank_end - self.rank_start < self.negatives:
+            problems.append(f"rank window {self.rank_start}..{self.rank_end} holds fewer than negatives={self.negatives} "
+                            "candidates; raise rank_end or lower rank_start/negatives")
+        if not 0.0 <= self.margin <= 1.0:
+            problems.append(f"margin={self.margin}: must be in [0, 1] (e.g. 0.95; 0 = off)")
+        for name, value, allowed in (("sampling", self.sampling, SAMPLINGS), ("index", self.index, INDEXES),
+                                     ("cache_dtype", self.cache_dtype, CACHE_DTYPES)):
+            if value not in allowed:
+                problems.append(f"{name}={value!r}: must be one of {', '.join(allowed)}")
+        for name in ("approximate_above", "nprobe", "ef_search", "recall_queries", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)}: must be >= 1")
+        if problems:
+            raise ConfigError("invalid mining settings: " + "; ".join(problems))
