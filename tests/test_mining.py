@@ -1,0 +1,236 @@
+"""Hard-negative mining: no positive ever becomes a negative, seeded determinism, the embedding
+cache (a second run encodes nothing), approximate-index recall, and clear errors on bad input.
+
+Real model (MiniLM at 32 tokens), tiny corpora built in temp folders; nothing is mocked. Encoder
+calls are counted by wrapping the model's own `encode`, which still does the work.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DISTRACTORS, TOPICS, write_beir
+from retrieval_lora.data import RetrievalDataset, load_beir, load_pairs
+from retrieval_lora.embedding_cache import EmbeddingCache, encode_corpus_cached, model_identity
+from retrieval_lora.errors import ConfigError, DataError, MiningError
+from retrieval_lora.mine import main as mine_main
+from retrieval_lora.mining import MiningConfig, load_mining_result, mine_hard_negatives, save_mining_result
+from retrieval_lora.mining.index import search_corpus
+from retrieval_lora.mining.selection import candidate_window, margin_threshold, pick
+from retrieval_lora.models import LoraSettings, attach_lora, load_base
+
+
+@pytest.fixture(scope="session")
+def embedder(base_path: str):
+    return load_base("embedder", base_path, max_seq_length=32, device="cpu")
+
+
+class EncodeCounter:
+    """Counts calls of the model's real `encode` (installed on the instance, removed after)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.calls, self.texts = model, 0, 0
+        self.original = model.encode
+
+    def __enter__(self) -> "EncodeCounter":
+        def counted(sentences, *args, **kwargs):
+            self.calls += 1
+            self.texts += len(sentences)
+            return self.original(sentences, *args, **kwargs)
+        self.model.encode = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.model.encode
+
+
+@pytest.fixture
+def multi_positive(tmp_path: Path) -> Path:
+    """Animal topics where some queries have two positives, one positive has a text twin, plus distractors."""
+    corpus = {doc_id: ("", text) for _, _, doc_id, text in TOPICS}
+    corpus.update({f"x{i}": ("", text) for i, text in enumerate(DISTRACTORS)})
+    corpus["d1b"] = ("", "Elephants have a trunk, a long nose that can lift heavy logs.")
+    corpus["d3b"] = ("", "Cheetahs reach more than one hundred kilometres per hour when hunting.")
+    corpus["d1copy"] = corpus["d1"]  # a second id with the exact text of a positive
+    queries = {query_id: text for query_id, text, _, _ in TOPICS}
+    train = [(query_id, doc_id, 1) for query_id, _, doc_id, _ in TOPICS[:8]] + [("q1", "d1b", 1), ("q3", "d3b", 2)]
+    return write_beir(tmp_path / "multi", corpus, queries, {"train": train, "test": [("q9", "d9", 1)]})
+
+
+def config(tmp_path: Path | None = None, **overrides) -> MiningConfig:
+    values = dict(negatives=2, rank_start=1, rank_end=8, cache_dir=str(tmp_path / "cache") if tmp_path else "",
+                  show_progress=False, batch_size=16)
+    values.update(overrides)
+    return MiningConfig(**values)
+
+
+def test_negatives_never_include_a_labelled_positive_or_its_text(embedder, multi_positive: Path) -> None:
+    dataset = load_beir(multi_positive)
+    # Window from rank 0 and no margin: without the positive exclusion the positives would rank first.
+    result = mine_hard_negatives(embedder, dataset, "train", config(rank_start=0, rank_end=12, margin=0.0, negatives=4))
+    positives = {q: {d for d, g in docs.items() if g > 0} for q, docs in dataset.split_qrels("train").items()}
+    table = result.table()
+    assert len(table) == 10  # one row per (query, positive): q1 and q3 have two each
+    for row in table:
+        assert not set(row["negative_ids"]) & positives[row["query_id"]]
+        texts = {dataset.corpus[d].full_text for d in positives[row["query_id"]]}
+        assert not texts & {row[f"negative_{i}"] for i in range(1, 5)}
+        assert "d1copy" not in row["negative_ids"]
+    assert result.stats["candidates"]["labelled_positives_in_search_results"] >= 10
+
+
+def test_training_rows_have_only_text_columns_in_order(embedder, tiny_beir: Path) -> None:
+    result = mine_hard_negatives(embedder, load_beir(tiny_beir), "train", config(negatives=3))
+    assert result.training_rows().column_names == ["query", "positive", "negative_1", "negative_2", "negative_3"]
+    assert result.scores.column_names == ["query_id", "positive_id", "negative_ids", "positive_score",
+                                          "negative_scores"]
+    for row in result.table():
+        assert row["positive_score"] >= max(row["negative_scores"]) * 0.95 - 1e-6  # the margin guard held
+        assert row["negative_scores"] == sorted(row["negative_scores"], reverse=True)
+
+
+def test_mining_is_deterministic_for_a_fixed_seed(embedder, multi_positive: Path, tmp_path: Path) -> None:
+    dataset = load_beir(multi_positive)
+    settings = dict(sampling="random", rank_start=0, rank_end=14, negatives=2, margin=0.0)
+    first = mine_hard_negatives(embedder, dataset, "train", config(seed=7, **settings))
+    second = mine_hard_negatives(embedder, dataset, "train", config(seed=7, **settings))
+    other = mine_hard_negatives(embedder, dataset, "train", config(tmp_path, seed=8, **settings))
+    assert first.table().to_list() == second.table().to_list()
+    assert first.scores["negative_ids"] != other.scores["negative_ids"]
+
+
+def test_second_run_hits_the_cache_and_encodes_nothing(embedder, tiny_beir: Path, tmp_path: Path) -> None:
+    dataset = load_beir(tiny_beir)
+    with EncodeCounter(embedder) as cold:
+        first = mine_hard_negatives(embedder, dataset, "train", config(tmp_path))
+    with EncodeCounter(embedder) as warm:
+        second = mine_hard_negatives(embedder, dataset, "train", config(tmp_path))
+    assert cold.calls == 2 and cold.texts == 18 + 8  # corpus and queries, each once
+    assert warm.calls == 0
+    assert (first.stats["cache"]["corpus"], second.stats["cache"]["corpus"]) == ("miss", "hit")
+    assert second.stats["cache"]["queries"] == "hit"
+    assert first.table().to_list() == second.table().to_list()  # float16 round trip on miss and hit alike
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+
+
+def test_cache_key_changes_with_max_length_and_adapter(base_path: str, tiny_beir: Path, tmp_path: Path) -> None:
+    dataset = load_beir(tiny_beir)
+    cache = EmbeddingCache(tmp_path / "cache")
+    model = load_base("embedder", base_path, max_seq_length=32, device="cpu")
+    identity = model_identity(model)
+    assert encode_corpus_cached(model, dataset, cache, show_progress=False).cache == "miss"
+    assert encode_corpus_cached(model, dataset, cache, show_progress=False).cache == "hit"
+    model.max_seq_length = 24
+    assert encode_corpus_cached(model, dataset, cache, show_progress=False).cache == "miss"
+    attach_lora(model, "embedder", LoraSettings(rank=2, alpha=4))
+    assert model_identity(model) != identity
+    assert encode_corpus_cached(model, dataset, cache, show_progress=False).cache == "miss"
+
+
+def test_corrupt_cache_entry_is_encoded_again_with_a_warning(embedder, tiny_beir: Path, tmp_path: Path) -> None:
+    dataset = load_beir(tiny_beir)
+    cache = EmbeddingCache(tmp_path / "cache")
+    encode_corpus_cached(embedder, dataset, cache, show_progress=False)
+    next((tmp_path / "cache").glob("*.npy")).write_bytes(b"not numpy")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert encode_corpus_cached(embedder, dataset, cache, show_progress=False).cache == "miss"
+
+
+def test_approximate_index_reports_recall(embedder, tiny_beir: Path, tmp_path: Path) -> None:
+    for kind in ("ivf", "hnsw"):
+        stats = mine_hard_negatives(embedder, load_beir(tiny_beir), "train", config(tmp_path, index=kind)).stats
+        assert stats["index"]["kind"] == kind
+        assert 0.0 <= stats["index"]["recall"]["recall_at_k"] <= 1.0
+    exact = mine_hard_negatives(embedder, load_beir(tiny_beir), "train", config(tmp_path)).stats["index"]
+    assert exact["kind"] == "exact" and "recall" not in exact
+
+
+def test_ivf_recall_is_measured_against_exact_search() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((4000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[:300] + 0.1 * rng.standard_normal((300, 16)).astype(np.float32)
+    common = dict(approximate_above=10**6, ef_search=16, recall_queries=100, seed=0)
+    rough = search_corpus(vectors, queries, 50, kind="ivf", nprobe=1, **common).info["recall"]
+    assert 0.0 < rough["recall_at_k"] < 1.0 and rough["queries"] == 100
+    assert search_corpus(vectors, queries, 50, kind="ivf", nprobe=10**4, **common).info["recall"]["recall_at_k"] == 1.0
+
+
+def test_query_whose_positives_are_all_missing_is_skipped_and_counted(embedder, tiny_beir: Path) -> None:
+    loaded = load_beir(tiny_beir)
+    qrels = {"train": {**loaded.qrels["train"], "q9": {"gone": 1}, "q10": {"gone": 1, "d10": 1}}}
+    dataset = RetrievalDataset(loaded.root, loaded.corpus, loaded.queries, qrels)  # bypasses load-time checks
+    stats = mine_hard_negatives(embedder, dataset, "train", config()).stats
+    assert stats["queries"]["skipped"]["all_positives_missing_from_corpus"] == 1
+    assert stats["queries"]["mined"] == 9 and stats["rows"]["written"] == 9
+    assert stats["rows"]["dropped"]["positive_missing_from_corpus"] == 2
+
+
+def test_bad_inputs_are_clear_errors(embedder, tiny_beir: Path) -> None:
+    dataset = load_beir(tiny_beir)
+    with pytest.raises(MiningError, match="rank_end=50 is larger than the corpus of 18 documents"):
+        mine_hard_negatives(embedder, dataset, "train", config(rank_end=50))
+    empty = RetrievalDataset(dataset.root, {}, dataset.queries, dataset.qrels)
+    with pytest.raises(MiningError, match="corpus is empty"):
+        mine_hard_negatives(embedder, empty, "train", config())
+    with pytest.raises(DataError, match="split 'validation' not found"):
+        mine_hard_negatives(embedder, dataset, "validation", config())
+    with pytest.raises(MiningError, match="kept 2 negatives"):  # a margin so strict that nothing survives
+        mine_hard_negatives(embedder, dataset, "train", config(margin=0.01, rank_start=0))
+    with pytest.raises(ConfigError, match="fewer than negatives=5"):
+        MiningConfig(negatives=5, rank_start=10, rank_end=12)
+    with pytest.raises(ConfigError, match="sampling='best'"):
+        MiningConfig(sampling="best")
+
+
+def test_cross_encoder_guard_runs_and_is_counted(embedder, base_path: str, tiny_beir: Path) -> None:
+    cross_encoder = load_base("reranker", base_path, max_seq_length=32, device="cpu")  # untrained head: any scores
+    stats = mine_hard_negatives(embedder, load_beir(tiny_beir), "train", config(rank_end=12, margin=1.0),
+                                cross_encoder=cross_encoder).stats
+    candidates = stats["candidates"]
+    assert candidates["in_window"] == candidates["removed_by_margin"] + candidates["removed_by_cross_encoder"] \
+        + candidates["kept"]
+    assert "cross_encoder" in stats["seconds"]
+
+
+def test_window_margin_and_pick_on_plain_arrays() -> None:
+    indices = np.array([[5, 0, 1, 2, 3, 4]])
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]], dtype=np.float32)
+    window = candidate_window(indices, scores, [np.array([0, 2])], documents=6, rank_start=1, rank_end=3)
+    assert window.indices.tolist() == [[1, 3]]  # ranking without positives: 5, 1, 3, 4 -> ranks 1..2
+    assert window.positives_in_results == 2
+    assert margin_threshold(np.array([0.8, -0.5]), 0.9).tolist() == pytest.approx([0.72, -0.55])
+    keep = np.array([[True, False, True, True]])
+    order, enough = pick(keep, 2, "top", np.random.default_rng(0))
+    assert order.tolist() == [[0, 2]] and enough.tolist() == [True]
+    order, enough = pick(keep, 4, "random", np.random.default_rng(0))
+    assert not enough[0]
+
+
+def test_saved_result_round_trips_and_trains_from_rows(embedder, tiny_beir: Path, tmp_path: Path) -> None:
+    result = mine_hard_negatives(embedder, load_beir(tiny_beir), "train", config())
+    folder = save_mining_result(result, tmp_path / "mined")
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "rows", "scores", "stats.json"]
+    loaded = load_mining_result(folder)
+    assert loaded.table().to_list() == result.table().to_list()
+    assert load_pairs(folder / "rows").column_names == ["query", "positive", "negative_1", "negative_2"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["config"]["negatives"] == 2 and manifest["model_identity"] == result.stats["cache"]["model_identity"]
+    with pytest.raises(MiningError, match="not a complete mining result"):
+        load_mining_result(tmp_path / "nowhere")
+
+
+def test_cli_writes_the_folder_and_reuses_the_cache(base_path: str, tiny_beir: Path, tmp_path: Path, capsys) -> None:
+    args = ["--data", str(tiny_beir), "--base", base_path, "--max-seq-length", "32", "--output", str(tmp_path / "out"),
+            "--negatives", "2", "--rank-start", "1", "--rank-end", "8", "--cache-dir", str(tmp_path / "cache"),
+            "--no-show-progress"]
+    assert mine_main(args) == 0
+    assert "cache: corpus miss" in capsys.readouterr().out
+    assert mine_main(args) == 0
+    out = capsys.readouterr().out
+    assert "cache: corpus hit" in out and "rows written: 8 of 8" in out
+    assert (tmp_path / "out" / "rows").is_dir()
