@@ -1,0 +1,154 @@
+"""The promotion gate: may this candidate replace its baseline? A decision with its reasons in words.
+
+A candidate passes only when every check passes:
+1. its primary metric (default nDCG@10) gains at least `min_gain` over the baseline;
+2. that gain is statistically significant (paired test p-value below `alpha`), unless
+   `require_significance` is off;
+3. no other evaluated metric is significantly worse (p < `alpha` with a negative delta);
+4. at most `max_regressed_share` of the queries score lower on the primary metric.
+
+The baseline is whatever `evaluation.compare_with_base` chose: for an embedder the frozen
+base, for a reranker the better of the first stage alone and the frozen base reranker.
+
+Example:
+    decision = decide(comparison.paired, GatePolicy(min_gain=0.01))
+    if not decision.passed:
+        print("\\n".join(decision.reasons))
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from retrieval_lora.config import field
+from retrieval_lora.errors import ConfigError
+from retrieval_lora.evaluation import MetricResult, PairedComparison
+
+
+@dataclass
+class GatePolicy:
+    """When a candidate adapter may be promoted. Every knob has a default that suits small test splits."""
+
+    primary_metric: str = field("ndcg@10", "metric the candidate must improve (a ranx name among the evaluated metrics)")
+    min_gain: float = field(0.005, "smallest absolute gain on the primary metric worth promoting (0.005 = half a point)")
+    alpha: float = field(0.05, "significance level of the paired test: p-values below it count as real differences")
+    require_significance: bool = field(True, "also require the primary gain to be significant at --alpha")
+    max_regressed_share: float = field(0.3, "largest share of queries allowed to score lower on the primary metric")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 < self.alpha < 1:
+            problems.append(f"alpha={self.alpha}: must be in (0, 1), typically 0.05 or 0.01")
+        if not 0 <= self.max_regressed_share <= 1:
+            problems.append(f"max_regressed_share={self.max_regressed_share}: must be in [0, 1]")
+        if self.min_gain < 0:
+            problems.append(f"min_gain={self.min_gain}: must be >= 0 (a candidate must not be worse)")
+        if not self.primary_metric.strip():
+            problems.append("primary_metric is empty: give a ranx metric name such as ndcg@10")
+        if problems:
+            raise ConfigError("invalid gate policy: " + "; ".join(problems))
+
+
+@dataclass
+class GateDecision:
+    """The verdict: `passed`, and one sentence per check (failures first) saying why."""
+
+    passed: bool
+    reasons: list[str]
+    primary_metric: str
+    baseline_name: str
+    baseline: float
+    candidate: float
+    gain: float
+    p_value: float
+    regressed_share: float
+    policy: dict[str, Any]
+    failed_checks: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: PASSED/FAILED and the first reason."""
+        return f"{'PASSED' if self.passed else 'FAILED'}: {self.reasons[0]}"
+
+
+def _fmt_p(p_value: float) -> str:
+    return "p < 0.0001" if p_value < 1e-4 else f"p = {p_value:.4f}"
+
+
+def _gain_check(result: MetricResult, policy: GatePolicy) -> tuple[bool, str]:
+    label = result.metric
+    text = f"{label} went from {result.baseline:.4f} to {result.candidate:.4f} ({result.delta:+.4f})"
+    if result.delta < 0:
+        return False, f"the candidate is worse: {text}"
+    if result.delta < policy.min_gain:
+        return False, f"the gain is too small: {text}, but at least {policy.min_gain:+.4f} is required"
+    return True, f"{text}, at least {policy.min_gain:+.4f} required"
+
+
+def _significance_check(result: MetricResult, policy: GatePolicy, stat_test: str) -> tuple[bool, str]:
+    test = f"paired {'t-test' if stat_test == 'student' else stat_test + ' test'}"
+    if result.delta <= 0:
+        return False, f"there is no {result.metric} gain to be significant ({test}, {_fmt_p(result.p_value)})"
+    if result.significant(policy.alpha):
+        return True, f"the {result.metric} difference is significant ({test}, {_fmt_p(result.p_value)} < {policy.alpha})"
+    if not policy.require_significance:
+        return True, (f"the {result.metric} difference is not significant ({test}, {_fmt_p(result.p_value)}), "
+                      "which this policy allows (require_significance is off)")
+    return False, (f"the {result.metric} difference is not significant ({test}, {_fmt_p(result.p_value)} >= "
+                   f"{policy.alpha}): it may be noise on these {result.wins + result.losses + result.ties} queries")
+
+
+def _other_metrics_check(comparison: PairedComparison, policy: GatePolicy) -> tuple[bool, str]:
+    worse = [r for name, r in comparison.metrics.items()
+             if name != policy.primary_metric and r.delta < 0 and r.significant(policy.alpha)]
+    if worse:
+        listed = "; ".join(f"{r.metric} {r.baseline:.4f} -> {r.candidate:.4f} ({r.delta:+.4f}, {_fmt_p(r.p_value)})"
+                           for r in worse)
+        return False, f"another metric is significantly worse: {listed}"
+    others = [name for name in comparison.metrics if name != policy.primary_metric]
+    return True, f"no other metric is significantly worse ({', '.join(others) or 'none evaluated'})"
+
+
+def _regression_share_check(comparison: PairedComparison, policy: GatePolicy) -> tuple[bool, str]:
+    result = comparison.metrics[policy.primary_metric]
+    share = comparison.regressed_share(policy.primary_metric)
+    counts = f"{result.losses} of {result.wins + result.losses + result.ties} queries ({share:.0%}) score lower " \
+             f"on {result.metric} ({result.wins} higher, {result.ties} unchanged)"
+    if share > policy.max_regressed_share:
+        return False, f"too many queries regress: {counts}; at most {policy.max_regressed_share:.0%} allowed"
+    return True, f"{counts}; at most {policy.max_regressed_share:.0%} allowed"
+
+
+def decide(comparison: PairedComparison, policy: GatePolicy | None = None) -> GateDecision:
+    """Apply `policy` to a baseline-vs-candidate comparison.
+
+    Args:
+        comparison: from `evaluation.compare_runs` or `compare_with_base(...).paired`.
+
+    Returns:
+        GateDecision with `passed` and a reason per check, failed checks first.
+
+    Raises:
+        ConfigError: the policy's primary metric was not evaluated.
+    """
+    policy = policy or GatePolicy()
+    if policy.primary_metric not in comparison.metrics:
+        raise ConfigError(f"gate primary_metric={policy.primary_metric!r} was not evaluated; evaluated metrics: "
+                          f"{', '.join(comparison.metrics)}. Add it to --metrics or change --primary-metric")
+    primary = comparison.metrics[policy.primary_metric]
+    checks = {
+        "gain": _gain_check(primary, policy),
+        "significance": _significance_check(primary, policy, comparison.stat_test),
+        "other_metrics": _other_metrics_check(comparison, policy),
+        "regressed_share": _regression_share_check(comparison, policy),
+    }
+    failed = [name for name, (ok, _) in checks.items() if not ok]
+    reasons = [checks[name][1] for name in failed] + [text for ok, text in checks.values() if ok]
+    return GateDecision(passed=not failed, reasons=reasons, primary_metric=policy.primary_metric,
+                        baseline_name=comparison.baseline_name, baseline=primary.baseline, candidate=primary.candidate,
+                        gain=primary.delta, p_value=primary.p_value,
+                        regressed_share=comparison.regressed_share(policy.primary_metric),
+                        policy=asdict(policy), failed_checks=failed)

@@ -1,0 +1,222 @@
+"""Evaluation: hand-checked metrics, paired comparison, TREC runs, reranking, and the evaluate CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_lora.data import load_dataset
+from retrieval_lora.errors import AdapterError, ConfigError, DataError, EvaluationError
+from retrieval_lora.evaluate import EvaluateConfig, evaluate, main as evaluate_main
+from retrieval_lora.evaluation import (
+    compare_runs, compare_with_base, read_trec_run, rerank, score_run, search, write_trec_run,
+)
+from retrieval_lora.models import (
+    METADATA_FILE, AdapterMetadata, LoraSettings, attach_lora, base_fingerprint, load_adapter, load_base,
+    save_adapter, transformer_of,
+)
+
+# Two labelled queries plus one the run never answers.
+#   q1: relevant d1 at rank 2             -> nDCG@10 1/log2(3) = 0.63093, RR 1/2, AP 1/2, recall 1
+#   q2: relevant d2 at rank 1, d3 at 3    -> DCG 1 + 1/2 = 1.5, IDCG 1 + 1/log2(3) = 1.63093,
+#                                            nDCG 0.91972, RR 1, AP (1 + 2/3)/2 = 0.83333, recall 1
+#   q3: not in the run                    -> every metric 0
+TOY_QRELS = {"q1": {"d1": 1}, "q2": {"d2": 1, "d3": 1}, "q3": {"d9": 1}}
+TOY_RUN = {"q1": {"d5": 0.9, "d1": 0.8, "d6": 0.1}, "q2": {"d2": 0.9, "d4": 0.8, "d3": 0.7}}
+
+
+def test_metrics_on_a_hand_checkable_run() -> None:
+    scores = score_run(TOY_QRELS, TOY_RUN, ("ndcg@10", "mrr@10", "recall@100", "map@100", "recall@2"))
+    assert scores["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1.5 / (1 + 1 / math.log2(3))) / 3, abs=1e-6)
+    assert scores["mrr@10"] == pytest.approx((0.5 + 1) / 3)
+    assert scores["recall@100"] == pytest.approx(2 / 3)
+    assert scores["recall@2"] == pytest.approx((1 + 0.5) / 3)
+    assert scores["map@100"] == pytest.approx((0.5 + (1 + 2 / 3) / 2) / 3)
+
+
+def test_score_run_rejects_bad_input() -> None:
+    with pytest.raises(EvaluationError, match="not in the qrels.*'q7'"):
+        score_run(TOY_QRELS, {"q7": {"d1": 1.0}})
+    with pytest.raises(EvaluationError, match="empty"):
+        score_run(TOY_QRELS, {})
+    with pytest.raises(ConfigError, match="ndgc"):
+        score_run(TOY_QRELS, TOY_RUN, ("ndgc@10",))
+
+
+def test_search_can_drop_a_querys_own_id() -> None:
+    docs = np.eye(3, dtype=np.float32)
+    queries = np.array([[1.0, 0.5, 0.0]], dtype=np.float32)
+    assert list(search(["a", "b", "c"], docs, ["a"], queries, 2)["a"]) == ["a", "b"]
+    assert list(search(["a", "b", "c"], docs, ["a"], queries, 2, exclude_self=True)["a"]) == ["b", "c"]
+
+
+def test_compare_runs_counts_wins_losses_ties_and_worst_regressions() -> None:
+    better = {"q1": {"d1": 0.9, "d5": 0.8}, "q2": {"d4": 0.9, "d2": 0.8, "d3": 0.7}, "q3": {"d9": 1.0}}
+    paired = compare_runs(TOY_QRELS, TOY_RUN, better, metrics=("mrr@10", "ndcg@10"), split="toy",
+                          query_texts={"q2": "second query"})
+    mrr = paired.metrics["mrr@10"]
+    assert (mrr.baseline, mrr.candidate) == (pytest.approx(0.5), pytest.approx((1 + 0.5 + 1) / 3))
+    assert (mrr.wins, mrr.losses, mrr.ties) == (2, 1, 0)  # q1 and q3 better, q2 worse
+    assert paired.per_query["mrr@10"]["q2"] == (1.0, 0.5)
+    worst = paired.worst_regressions("mrr@10")
+    assert [(w.query_id, w.text, w.delta) for w in worst] == [("q2", "second query", -0.5)]
+    assert paired.regressed_share("mrr@10") == pytest.approx(1 / 3)
+    assert 0 < mrr.p_value <= 1
+    same = compare_runs(TOY_QRELS, TOY_RUN, TOY_RUN, metrics=("ndcg@10",))
+    assert same.metrics["ndcg@10"].p_value == 1.0 and same.metrics["ndcg@10"].ties == 3
+    with pytest.raises(ConfigError, match="stat_test='tukey'"):
+        compare_runs(TOY_QRELS, TOY_RUN, better, stat_test="tukey")
+
+
+def test_trec_runs_round_trip_and_bad_files_name_the_line(tmp_path: Path, tiny_beir: Path) -> None:
+    path = write_trec_run(TOY_RUN, tmp_path / "run.trec")
+    assert path.read_text().splitlines()[0] == "q1 Q0 d5 1 0.900000 retrieval-lora"
+    assert read_trec_run(path) == TOY_RUN
+    bad = tmp_path / "bad.trec"
+    bad.write_text("q1 Q0 d1 1 0.5 tag\nq1 d2 0.4\n")
+    with pytest.raises(EvaluationError, match=r"bad.trec:2: not a TREC run line"):
+        read_trec_run(bad)
+    dataset = load_dataset(str(tiny_beir))
+    foreign = write_trec_run({"q1": {"d1": 1.0, "zz": 0.5}, "nq7": {"d2": 1.0}}, tmp_path / "foreign.trec")
+    with pytest.raises(EvaluationError, match=r"1 query id\(s\) not in .*queries.jsonl \(e.g. 'nq7'\); "
+                                              r"1 document id\(s\) not in .*corpus.jsonl \(e.g. 'zz'\)"):
+        read_trec_run(foreign, dataset)
+    with pytest.raises(EvaluationError, match="does not exist"):
+        read_trec_run(tmp_path / "missing.trec")
+
+
+# ---- with the real model ------------------------------------------------------------------
+
+def _save_random_adapter(task: str, base_path: str, folder: Path) -> Path:
+    model = load_base(task, base_path, max_seq_length=32)
+    attach_lora(model, task, LoraSettings(rank=2))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in transformer_of(model).parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return save_adapter(model, folder, AdapterMetadata(task, base_path, base_fingerprint(model)))
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tmp_path_factory, base_path: str) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval_adapters")
+    return {task: _save_random_adapter(task, base_path, root / task) for task in ("embedder", "reranker")}
+
+
+@pytest.fixture(scope="session")
+def embedder(adapter_dirs: dict[str, Path], base_path: str):
+    model = load_base("embedder", base_path, max_seq_length=32)
+    load_adapter(model, adapter_dirs["embedder"], "embedder")
+    return model
+
+
+@pytest.fixture(scope="session")
+def reranker(adapter_dirs: dict[str, Path], base_path: str):
+    model = load_base("reranker", base_path, max_seq_length=32)
+    load_adapter(model, adapter_dirs["reranker"], "reranker")
+    return model
+
+
+def test_embedder_comparison_uses_the_frozen_base_as_baseline(embedder, tiny_beir: Path, base_path: str) -> None:
+    dataset = load_dataset(str(tiny_beir))
+    comparison = compare_with_base("embedder", embedder, dataset, "train", base=base_path, k=10, show_progress=False)
+    frozen = load_base("embedder", base_path, max_seq_length=32)
+    from retrieval_lora.evaluation import retrieve
+
+    frozen_run = retrieve(frozen, dataset, "train", k=10, show_progress=False)
+    assert comparison.baseline == score_run(dataset.split_qrels("train"), frozen_run)
+    paired = comparison.paired
+    assert paired.baseline_name == "frozen base embedder" and paired.num_queries == 8
+    assert set(paired.metrics) == {"ndcg@10", "mrr@10", "recall@100", "map@100"}
+    assert comparison.adapter == {m: r.candidate for m, r in paired.metrics.items()}
+    assert paired.query_texts["q1"] == "which animal has a trunk"
+    with pytest.raises(DataError, match="split 'validation' not found.*available splits: dev, test, train"):
+        compare_with_base("embedder", embedder, dataset, "validation", base=base_path)
+
+
+def test_reranker_baseline_is_the_better_of_first_stage_and_frozen_reranker(reranker, tiny_beir: Path,
+                                                                            base_path: str, tmp_path: Path) -> None:
+    dataset = load_dataset(str(tiny_beir))
+    # A user first stage: every query gets all documents, its relevant one ranked 5th.
+    qrels = dataset.split_qrels("train")
+    first = {}
+    for qid, relevant in qrels.items():
+        others = [d for d in sorted(dataset.corpus) if d not in relevant]
+        ranking = others[:4] + list(relevant) + others[4:]
+        first[qid] = {doc_id: float(len(ranking) - rank) for rank, doc_id in enumerate(ranking)}
+    run_file = write_trec_run(first, tmp_path / "first.trec")
+    first_stage = read_trec_run(run_file, dataset)
+    comparison = compare_with_base("reranker", reranker, dataset, "train", base=base_path, rerank_k=6,
+                                   first_stage=first_stage, show_progress=False)
+    assert set(comparison.baselines) == {"first stage alone (no reranking)", "frozen base reranker"}
+    best = max(comparison.baselines, key=lambda name: comparison.baselines[name]["ndcg@10"])
+    assert comparison.baseline_name == best and comparison.baseline == comparison.baselines[best]
+    reranked = rerank(reranker, dataset, first_stage, k=6, show_progress=False)
+    for qid, ranking in first_stage.items():  # documents below k keep the first stage's order, last
+        order = sorted(ranking, key=ranking.get, reverse=True)
+        new_order = sorted(reranked[qid], key=reranked[qid].get, reverse=True)
+        assert set(new_order[:6]) == set(order[:6]) and new_order[6:] == order[6:]
+    assert comparison.adapter_run == reranked
+    with pytest.raises(EvaluationError, match="first-stage run: 1 document id"):
+        rerank(reranker, dataset, {"q1": {"nope": 1.0}}, k=2)
+
+
+def test_evaluate_cli_writes_a_full_report_folder(adapter_dirs: dict[str, Path], tiny_beir: Path, base_path: str,
+                                                  tmp_path: Path, capsys) -> None:
+    out = tmp_path / "report"
+    code = evaluate_main(["--data", str(tiny_beir), "--split", "train", "--adapter", str(adapter_dirs["embedder"]),
+                          "--base", base_path, "--max-seq-length", "32", "--top-k", "10", "--output", str(out),
+                          "--min-gain", "0.5", "--fail-on-reject"])
+    assert code == 3  # a random adapter does not gain half a point of nDCG@10
+    printed = capsys.readouterr().out
+    assert "gate: FAILED" in printed and "report.html" in printed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "comparison.json", "config.yaml", "decision.json", "manifest.json", "metrics.json", "per_query_deltas.png",
+        "report.html", "report.md", "runs"]
+    decision = json.loads((out / "decision.json").read_text())
+    assert decision["passed"] is False and decision["policy"]["min_gain"] == 0.5
+    assert sorted(json.loads((out / "comparison.json").read_text())["per_query"]["ndcg@10"]) == sorted(
+        f"q{i}" for i in range(1, 9))
+    # the saved config reproduces the evaluation
+    rerun = EvaluateConfig(**{**__import__("yaml").safe_load((out / "config.yaml").read_text()),
+                              "output": str(tmp_path / "again"), "save_runs": False})
+    again = evaluate(rerun)
+    assert again.decision.to_dict()["reasons"] == decision["reasons"]
+
+
+def test_evaluate_cli_scores_the_base_alone(tiny_beir: Path, base_path: str, tmp_path: Path) -> None:
+    out = tmp_path / "base"
+    assert evaluate_main(["--data", str(tiny_beir), "--split", "test", "--base", base_path, "--max-seq-length", "32",
+                          "--output", str(out), "--metrics", "ndcg@10,recall@5"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_queries"] == 2 and set(metrics["metrics"]) == {"ndcg@10", "recall@5"}
+    assert "| ndcg@10 |" in (out / "report.md").read_text() and (out / "runs" / "base.trec").is_file()
+
+
+def test_bad_input_gives_clear_errors(adapter_dirs: dict[str, Path], tiny_beir: Path, base_path: str,
+                                      tmp_path: Path) -> None:
+    common = dict(data=str(tiny_beir), base=base_path, max_seq_length=32, output=str(tmp_path / "x"))
+    with pytest.raises(DataError, match="split 'validation' not found"):
+        evaluate(EvaluateConfig(split="validation", adapter=str(adapter_dirs["embedder"]), **common))
+    foreign = tmp_path / "foreign"
+    shutil.copytree(adapter_dirs["embedder"], foreign)
+    meta = json.loads((foreign / METADATA_FILE).read_text())
+    (foreign / METADATA_FILE).write_text(json.dumps({**meta, "base_fingerprint": "0" * 16, "base_model": "other/base"}))
+    with pytest.raises(AdapterError, match="trained on base 'other/base'.*load the base it was trained on"):
+        evaluate(EvaluateConfig(adapter=str(foreign), **common))
+    with pytest.raises(AdapterError, match="trained for task 'embedder', not 'reranker'"):
+        evaluate(EvaluateConfig(task="reranker", adapter=str(adapter_dirs["embedder"]), **common))
+    run_file = write_trec_run({"q11": {"d11": 1.0, "zzz": 0.5}}, tmp_path / "r.trec")
+    with pytest.raises(EvaluationError, match="1 document id.*'zzz'"):
+        evaluate(EvaluateConfig(task="reranker", first_stage=str(run_file), **common))
+    with pytest.raises(ConfigError, match="primary_metric 'ndcg@10' is not among metrics"):
+        EvaluateConfig(metrics="mrr@10")
+    with pytest.raises(Exception, match="not a folder, and not a registry entry"):
+        evaluate(EvaluateConfig(adapter="nothing-here", registry=str(tmp_path / "reg"), **common))
