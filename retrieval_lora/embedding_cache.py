@@ -201,10 +201,12 @@ class CorpusEmbeddings:
         return self.ids, self.vectors[self.rows]
 
 
-def encode_corpus_cached(model: SentenceTransformer, dataset: RetrievalDataset, cache: EmbeddingCache | None, *,
-                         identity: str | None = None, batch_size: int = 64,
-                         show_progress: bool = True) -> CorpusEmbeddings:
-    """Encode each distinct document text of `dataset` once, keyed by the corpus fingerprint."""
+def distinct_corpus_texts(dataset: RetrievalDataset) -> tuple[list[str], np.ndarray, list[str], list[str]]:
+    """(sorted ids, row of each id, distinct texts in first-seen order, first id of each text).
+
+    The texts, in this order, are what `encode_corpus_cached` encodes and caches (also used by
+    `sharding` to fill the same cache entry from shards encoded elsewhere).
+    """
     ids = sorted(dataset.corpus)
     text_row: dict[str, int] = {}
     rows = np.empty(len(ids), dtype=np.int64)
@@ -216,8 +218,21 @@ def encode_corpus_cached(model: SentenceTransformer, dataset: RetrievalDataset, 
             texts.append(text)
             first_ids.append(doc_id)
         rows[position] = text_row[text]
+    return ids, rows, texts, first_ids
+
+
+def corpus_content(dataset: RetrievalDataset) -> str:
+    """The `content` part of the cache key of the corpus's distinct texts."""
+    return f"corpus-distinct:{corpus_fingerprint(dataset)}"
+
+
+def encode_corpus_cached(model: SentenceTransformer, dataset: RetrievalDataset, cache: EmbeddingCache | None, *,
+                         identity: str | None = None, batch_size: int = 64,
+                         show_progress: bool = True) -> CorpusEmbeddings:
+    """Encode each distinct document text of `dataset` once, keyed by the corpus fingerprint."""
+    ids, rows, texts, first_ids = distinct_corpus_texts(dataset)
     vectors, status = encode_texts_cached(
-        model, texts, cache, content=f"corpus-distinct:{corpus_fingerprint(dataset)}", identity=identity,
+        model, texts, cache, content=corpus_content(dataset), identity=identity,
         batch_size=batch_size, show_progress=show_progress,
         description=f"Encoding {len(texts)} distinct texts of {len(ids)} documents")
     return CorpusEmbeddings(ids, rows, vectors, texts, first_ids, status)
