@@ -1,0 +1,105 @@
+"""Benchmark: our evaluation of the frozen all-MiniLM-L6-v2 on SciFact, and an adapter against it.
+
+Checks that `retrieval_lora.evaluate` reproduces the published nDCG@10 of the frozen base on
+the SciFact test split (MTEB/BEIR: 0.645; we accept 0.645 +- 0.002), with the model's own
+maximum length (256 tokens) and FAISS exact search over the full corpus (5,183 documents, 300
+queries, no subsampling). With `--adapter`, also writes the full adapter-vs-base report (gate
+decision, significance, per-query deltas) under evals/results/scifact_adapter_vs_base/.
+
+    python evals/evaluate_scifact.py                                   # base only
+    python evals/evaluate_scifact.py --adapter /tmp/scifact_run/embedder/adapter --skip-base
+
+Results: evals/results/scifact_base/ and scifact_adapter_vs_base/ (report.md, report.html,
+metrics.json, ...) plus a summary in evals/results/scifact_evaluation.{json,md}. Runs are not
+saved (they are large and reproducible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET = ROOT.parent / "shared" / "datasets" / "scifact"
+RESULTS = ROOT / "evals" / "results"
+PUBLISHED_NDCG10, TOLERANCE = 0.645, 0.002
+sys.path.insert(0, str(ROOT))
+
+
+def _run(config) -> tuple[object, float]:
+    from retrieval_lora.evaluate import evaluate
+
+    started = time.time()
+    outcome = evaluate(config)
+    return outcome, time.time() - started
+
+
+def _summary_markdown(summary: dict) -> str:
+    lines = ["# SciFact evaluation (test split, 300 queries, 5,183 documents)", ""]
+    if "base" in summary:
+        base = summary["base"]
+        lines += ["## Frozen all-MiniLM-L6-v2", "", f"Command: `{base['command']}`", "", "| metric | value |", "| --- | --- |",
+                  *[f"| {m} | {v:.4f} |" for m, v in base["metrics"].items()], "",
+                  f"Published nDCG@10: {PUBLISHED_NDCG10} +- {TOLERANCE}; ours: {base['metrics']['ndcg@10']:.4f} "
+                  f"-> **{'REPRODUCED' if base['reproduced'] else 'NOT REPRODUCED'}** ({base['seconds']:.0f} s). "
+                  f"Report: [scifact_base/report.md](scifact_base/report.md)", ""]
+    if "adapter" in summary:
+        adapter = summary["adapter"]
+        lines += ["## Adapter vs frozen base", "", f"Command: `{adapter['command']}`", "",
+                  f"Adapter: `{adapter['adapter']}`", "",
+                  "| metric | base | adapter | delta | p-value |", "| --- | --- | --- | --- | --- |",
+                  *[f"| {m} | {r['baseline']:.4f} | {r['candidate']:.4f} | {r['delta']:+.4f} | {r['p_value']:.4g} |"
+                    for m, r in adapter["metrics"].items()], "",
+                  f"Gate: **{'PASSED' if adapter['passed'] else 'FAILED'}**", "",
+                  *[f"- {reason}" for reason in adapter["reasons"]], "",
+                  f"({adapter['seconds']:.0f} s.) Report: [scifact_adapter_vs_base/report.md]"
+                  "(scifact_adapter_vs_base/report.md), [HTML](scifact_adapter_vs_base/report.html)", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=str(DATASET), help="SciFact BEIR folder (default: ../shared/datasets/scifact)")
+    parser.add_argument("--adapter", help="adapter folder to compare with the frozen base")
+    parser.add_argument("--skip-base", action="store_true", help="do not run the base-only evaluation again")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    if not Path(args.dataset, "corpus.jsonl").is_file():
+        print(f"skipped: SciFact not found at {args.dataset} (expected ../shared/datasets/scifact)")
+        return 0
+    from retrieval_lora.evaluate import EvaluateConfig
+
+    summary_path = RESULTS / "scifact_evaluation.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    command = "nice -n 10 python " + shlex.join(["evals/evaluate_scifact.py", *sys.argv[1:]])
+    common = dict(task="embedder", data=args.dataset, split="test", batch_size=args.batch_size, save_runs=False)
+    if not args.skip_base:
+        outcome, seconds = _run(EvaluateConfig(output=str(RESULTS / "scifact_base"), **common))
+        ndcg = outcome.metrics["ndcg@10"]
+        summary["base"] = {"command": command, "metrics": outcome.metrics, "seconds": round(seconds, 1),
+                           "reproduced": abs(ndcg - PUBLISHED_NDCG10) <= TOLERANCE}
+        print(f"frozen base nDCG@10 = {ndcg:.4f} (published {PUBLISHED_NDCG10} +- {TOLERANCE}) in {seconds:.0f}s")
+    if args.adapter:
+        outcome, seconds = _run(EvaluateConfig(output=str(RESULTS / "scifact_adapter_vs_base"), adapter=args.adapter,
+                                               **common))
+        paired = outcome.comparison.paired.to_dict()
+        summary["adapter"] = {"command": command, "adapter": args.adapter, "metrics": paired["metrics"], "passed": outcome.decision.passed,
+                              "reasons": outcome.decision.reasons, "seconds": round(seconds, 1)}
+        print(f"adapter vs base: {outcome.decision.summary()} in {seconds:.0f}s")
+    summary_path.parent.mkdir(parents=True, exist_ok=True)
+    summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (RESULTS / "scifact_evaluation.md").write_text(_summary_markdown(summary))
+    print(f"wrote {summary_path} and scifact_evaluation.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
