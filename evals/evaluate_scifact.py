@@ -71,27 +71,38 @@ def main() -> int:
     parser.add_argument("--adapter", help="adapter folder to compare with the frozen base")
     parser.add_argument("--skip-base", action="store_true", help="do not run the base-only evaluation again")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--base-run", default="/tmp/retrieval-lora-scifact/base.trec",
+                        help="where the base evaluation saves its run, which the adapter evaluation then uses as "
+                             "its baseline instead of encoding the corpus with the frozen base again")
+    parser.add_argument("--cache-dir", default="/tmp/retrieval-lora-eval-cache",
+                        help="embedding cache (float32): the base corpus is encoded once across runs")
     args = parser.parse_args()
     if not Path(args.dataset, "corpus.jsonl").is_file():
         print(f"skipped: SciFact not found at {args.dataset} (expected ../shared/datasets/scifact)")
         return 0
     from retrieval_lora.evaluate import EvaluateConfig
+    from retrieval_lora.evaluation import write_trec_run
 
     summary_path = RESULTS / "scifact_evaluation.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     command = "nice -n 10 python " + shlex.join(["evals/evaluate_scifact.py", *sys.argv[1:]])
-    common = dict(task="embedder", data=args.dataset, split="test", batch_size=args.batch_size, save_runs=False)
+    common = dict(task="embedder", data=args.dataset, split="test", batch_size=args.batch_size, save_runs=False,
+                  cache_dir=args.cache_dir)
     if not args.skip_base:
         outcome, seconds = _run(EvaluateConfig(output=str(RESULTS / "scifact_base"), **common))
+        write_trec_run(outcome.run, args.base_run, "frozen-base")
         ndcg = outcome.metrics["ndcg@10"]
         summary["base"] = {"command": command, "metrics": outcome.metrics, "seconds": round(seconds, 1),
                            "reproduced": abs(ndcg - PUBLISHED_NDCG10) <= TOLERANCE}
         print(f"frozen base nDCG@10 = {ndcg:.4f} (published {PUBLISHED_NDCG10} +- {TOLERANCE}) in {seconds:.0f}s")
     if args.adapter:
+        baseline = args.base_run if Path(args.base_run).is_file() else None
         outcome, seconds = _run(EvaluateConfig(output=str(RESULTS / "scifact_adapter_vs_base"), adapter=args.adapter,
-                                               **common))
+                                               baseline_run=baseline, baseline_name="frozen base embedder (run of the "
+                                               "base evaluation above)" if baseline else None, **common))
         paired = outcome.comparison.paired.to_dict()
-        summary["adapter"] = {"command": command, "adapter": args.adapter, "metrics": paired["metrics"], "passed": outcome.decision.passed,
+        summary["adapter"] = {"command": command, "adapter": args.adapter, "baseline": outcome.comparison.baseline_name,
+                              "metrics": paired["metrics"], "passed": outcome.decision.passed,
                               "reasons": outcome.decision.reasons, "seconds": round(seconds, 1)}
         print(f"adapter vs base: {outcome.decision.summary()} in {seconds:.0f}s")
     summary_path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from peft import PeftModel
 
 from retrieval_lora.config import config_to_dict, field, save_config
 from retrieval_lora.data import RetrievalDataset, dataset_fingerprint, load_dataset
+from retrieval_lora.embedding_cache import EmbeddingCache
 from retrieval_lora.errors import ConfigError, RegistryError
 from retrieval_lora.evaluation import (
     DEFAULT_METRICS, STAT_TESTS, Comparison, Run, check_metrics, compare_with_base, read_trec_run, rerank, retrieve,
@@ -51,6 +52,10 @@ class EvaluateConfig:
     registry: str | None = field(None, "registry folder for --adapter NAME[@N] (default: $RETRIEVAL_LORA_REGISTRY or ./registry)")
     base: str | None = field(None, "base model (default: the adapter's own base, else the packaged all-MiniLM-L6-v2)")
     first_stage: str | None = field(None, "reranker: TREC run file to rerank (default: the base embedder's top --top-k)")
+    baseline_run: str | None = field(None, "TREC run file as baseline: replaces recomputing the frozen base embedder "
+                                           "(e.g. the runs/base.trec of an earlier base evaluation), or one more "
+                                           "baseline for a reranker (e.g. BM25)")
+    baseline_name: str | None = field(None, "name of --baseline-run in the report (default: the file's name)")
     top_k: int = field(100, "documents retrieved per query")
     rerank_top_k: int = field(20, "reranker: rescore this many first-stage documents per query")
     exclude_self: bool = field(False, "drop a query's own id from its results (datasets whose queries are also documents)")
@@ -59,6 +64,7 @@ class EvaluateConfig:
     stat_test: str = field("student", "paired significance test: student (t-test) or fisher (randomization)")
     max_seq_length: int | None = field(None, "truncate inputs to this many tokens (default: the model's own limit)")
     batch_size: int = field(64, "texts (or pairs) encoded per batch")
+    cache_dir: str | None = field(None, "embedding cache folder: corpus embeddings of an identical model are reused")
     output: str = field("eval", "report folder to write (replaced as a whole)")
     worst: int = field(10, "number of worst-regressed queries listed in the report")
     save_runs: bool = field(True, "write the runs as TREC files under <output>/runs")
@@ -98,6 +104,7 @@ class EvaluationOutcome:
     metrics: dict[str, float]
     comparison: Comparison | None = None
     decision: GateDecision | None = None
+    run: Run | None = None  # the base's run, when evaluated alone
 
 
 def resolve_adapter(spec: str, registry: str | None = None) -> Path:
@@ -122,8 +129,14 @@ def _load_model(config: EvaluateConfig, adapter_dir: Path | None) -> tuple[Retri
     return model, base
 
 
+def _cache(config: EvaluateConfig) -> EmbeddingCache | None:
+    # float32 storage: cached and freshly encoded embeddings give exactly the same scores
+    return EmbeddingCache(config.cache_dir, dtype="float32") if config.cache_dir else None
+
+
 def _base_run(config: EvaluateConfig, model: RetrievalModel, dataset: RetrievalDataset, first_stage: Run | None) -> Run:
-    options = dict(k=config.top_k, batch_size=config.batch_size, exclude_self=config.exclude_self)
+    options = dict(k=config.top_k, batch_size=config.batch_size, exclude_self=config.exclude_self,
+                   cache=_cache(config))
     if config.task == "embedder":
         return retrieve(model, dataset, config.split, **options)
     if first_stage is None:
@@ -140,6 +153,7 @@ def _details(config: EvaluateConfig, dataset: RetrievalDataset, base: str, adapt
             "base model": base, "adapter": str(adapter_dir) if adapter_dir else "(none)", "top k": config.top_k,
             "rerank top k": config.rerank_top_k if config.task == "reranker" else "-",
             "first stage": config.first_stage or ("base embedder" if config.task == "reranker" else "-"),
+            "baseline run": config.baseline_run or "-",
             "exclude self": config.exclude_self, "max seq length": config.max_seq_length or "model default"}
 
 
@@ -158,6 +172,7 @@ def evaluate(config: EvaluateConfig, *, model: RetrievalModel | None = None,
     dataset = dataset or load_dataset(config.data)
     dataset.split_qrels(config.split)  # a missing split fails before any model is loaded
     first_stage = read_trec_run(config.first_stage, dataset) if config.first_stage else None
+    baseline_run = read_trec_run(config.baseline_run, dataset) if config.baseline_run else None
     adapter_dir = resolve_adapter(config.adapter, config.registry) if config.adapter else None
     base = config.base or DEFAULT_BASE
     if model is None:
@@ -172,7 +187,9 @@ def evaluate(config: EvaluateConfig, *, model: RetrievalModel | None = None,
                                    rerank_k=config.rerank_top_k, batch_size=config.batch_size,
                                    metrics=config.metric_names, stat_test=config.stat_test,
                                    primary_metric=config.gate.primary_metric, exclude_self=config.exclude_self,
-                                   first_stage=first_stage, base_reranker=config.base_reranker)
+                                   first_stage=first_stage, base_reranker=config.base_reranker,
+                                   cache=_cache(config), baseline_run=baseline_run,
+                                   baseline_name=config.baseline_name or f"baseline run {Path(str(config.baseline_run)).name}")
     decision = decide(comparison.paired, config.gate)
     write_evaluation(out, comparison, decision, title=f"{config.task.capitalize()} adapter vs frozen base on "
                      f"{Path(dataset.root).name}/{config.split}", alpha=config.gate.alpha,
@@ -199,7 +216,7 @@ def _evaluate_alone(config: EvaluateConfig, model: RetrievalModel, dataset: Retr
     if config.save_runs:
         write_trec_run(run, staging / "runs" / "base.trec", "base")
     replace_dir_atomic(staging, target)
-    return EvaluationOutcome(target, metrics)
+    return EvaluationOutcome(target, metrics, run=run)
 
 
 def format_outcome(outcome: EvaluationOutcome) -> str:

@@ -35,6 +35,7 @@ from ranx.meta.evaluate import extract_metric_and_params, metric_switch
 from sentence_transformers import CrossEncoder, SentenceTransformer
 
 from retrieval_lora.data.beir import Qrels, RetrievalDataset
+from retrieval_lora.embedding_cache import EmbeddingCache, encode_corpus_cached
 from retrieval_lora.encoding import encode_corpus, encode_texts
 from retrieval_lora.errors import ConfigError, EvaluationError
 from retrieval_lora.models import RetrievalModel, load_base, transformer_of
@@ -68,14 +69,22 @@ def search(doc_ids: list[str], doc_embeddings: np.ndarray, query_ids: list[str],
 
 
 def retrieve(model: SentenceTransformer, dataset: RetrievalDataset, split: str, *, k: int = 100,
-             batch_size: int = 64, show_progress: bool = True, exclude_self: bool = False) -> Run:
+             batch_size: int = 64, show_progress: bool = True, exclude_self: bool = False,
+             cache: EmbeddingCache | None = None) -> Run:
     """Top-k documents of the whole corpus for every labelled query of `split`.
+
+    With `cache`, the corpus embeddings are read from (or stored in) that embedding cache,
+    keyed by the model's exact state, so a frozen base is encoded once across evaluations.
 
     Raises:
         DataError: `split` does not exist (the message lists the splits that do).
     """
     queries = dataset.split_queries(split)
-    doc_ids, doc_embeddings = encode_corpus(model, dataset, batch_size=batch_size, show_progress=show_progress)
+    if cache is not None:
+        doc_ids, doc_embeddings = encode_corpus_cached(model, dataset, cache, batch_size=batch_size,
+                                                       show_progress=show_progress).per_document()
+    else:
+        doc_ids, doc_embeddings = encode_corpus(model, dataset, batch_size=batch_size, show_progress=show_progress)
     query_ids = list(queries)
     query_embeddings = encode_texts(model, [queries[q] for q in query_ids], batch_size=batch_size,
                                     show_progress=False)
@@ -356,13 +365,19 @@ def compare_with_base(task: str, model: RetrievalModel, dataset: RetrievalDatase
                       base: str, k: int = 100, rerank_k: int = 20, batch_size: int = 64,
                       metrics: tuple[str, ...] = DEFAULT_METRICS, stat_test: str = "student",
                       primary_metric: str | None = None, exclude_self: bool = False, first_stage: Run | None = None,
-                      base_reranker: bool = True, show_progress: bool = True) -> Comparison:
+                      base_reranker: bool = True, show_progress: bool = True,
+                      cache: EmbeddingCache | None = None, baseline_run: Run | None = None,
+                      baseline_name: str = "baseline run") -> Comparison:
     """Score the frozen base and the adapter (on `model`) on `split`, with paired tests.
 
     Embedder: the same model with its adapter switched off is the baseline. Reranker: the
     adapter reranks the top `rerank_k` of `first_stage` (default: the frozen base embedder's
     top k); the baseline is the better on `primary_metric` (default: the first metric) of that
     first stage alone and the frozen base reranker (`base_reranker=False` skips the latter).
+    `cache` (an `EmbeddingCache`) lets retrieval reuse corpus embeddings of an identical model.
+    `baseline_run` (named `baseline_name`), e.g. the frozen base's run saved by an earlier
+    evaluation or a BM25 run: for an embedder it replaces recomputing the frozen base; for a
+    reranker it is one more baseline to beat.
 
     Raises:
         DataError: missing split. EvaluationError: a first stage with unknown ids.
@@ -373,20 +388,29 @@ def compare_with_base(task: str, model: RetrievalModel, dataset: RetrievalDatase
     if primary not in metrics:
         raise ConfigError(f"primary metric {primary!r} is not among the metrics {', '.join(metrics)}")
     options = dict(batch_size=batch_size, show_progress=show_progress)
+    if baseline_run is not None:
+        check_run_ids(baseline_run, dataset, baseline_name)
+        baseline_run = {qid: ranking for qid, ranking in baseline_run.items() if qid in qrels}
     if task == "embedder":
-        with transformer_of(model).disable_adapter():
-            runs = {"frozen base embedder": retrieve(model, dataset, split, k=k, exclude_self=exclude_self, **options)}
-        adapter_run = retrieve(model, dataset, split, k=k, exclude_self=exclude_self, **options)
+        if baseline_run is not None:
+            runs = {baseline_name: baseline_run}
+        else:
+            with transformer_of(model).disable_adapter():
+                runs = {"frozen base embedder": retrieve(model, dataset, split, k=k, exclude_self=exclude_self,
+                                                         cache=cache, **options)}
+        adapter_run = retrieve(model, dataset, split, k=k, exclude_self=exclude_self, cache=cache, **options)
     else:
         if first_stage is None:
             embedder = load_base("embedder", base)
-            first_stage = retrieve(embedder, dataset, split, k=k, exclude_self=exclude_self, **options)
+            first_stage = retrieve(embedder, dataset, split, k=k, exclude_self=exclude_self, cache=cache, **options)
         check_run_ids(first_stage, dataset, "the first-stage run")
         first_stage = {qid: ranking for qid, ranking in first_stage.items() if qid in qrels}
         runs = {"first stage alone (no reranking)": first_stage}
         if base_reranker:
             with transformer_of(model).disable_adapter():
                 runs["frozen base reranker"] = rerank(model, dataset, first_stage, k=rerank_k, **options)
+        if baseline_run is not None:
+            runs[baseline_name] = baseline_run
         adapter_run = rerank(model, dataset, first_stage, k=rerank_k, **options)
     scored = {name: score_run(qrels, run, metrics) for name, run in runs.items()}
     name = max(scored, key=lambda n: scored[n][primary])  # ties keep the first (the cheaper baseline)

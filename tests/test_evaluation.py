@@ -191,13 +191,26 @@ def test_evaluate_cli_writes_a_full_report_folder(adapter_dirs: dict[str, Path],
     assert again.decision.to_dict()["reasons"] == decision["reasons"]
 
 
-def test_evaluate_cli_scores_the_base_alone(tiny_beir: Path, base_path: str, tmp_path: Path) -> None:
-    out = tmp_path / "base"
-    assert evaluate_main(["--data", str(tiny_beir), "--split", "test", "--base", base_path, "--max-seq-length", "32",
-                          "--output", str(out), "--metrics", "ndcg@10,recall@5"]) == 0
+def test_base_alone_then_its_saved_run_as_the_baseline(adapter_dirs: dict[str, Path], tiny_beir: Path,
+                                                       base_path: str, tmp_path: Path) -> None:
+    out, cache = tmp_path / "base", tmp_path / "cache"
+    common = ["--data", str(tiny_beir), "--split", "train", "--base", base_path, "--max-seq-length", "32",
+              "--cache-dir", str(cache), "--metrics", "ndcg@10,recall@5"]
+    assert evaluate_main(common + ["--output", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_queries"] == 2 and set(metrics["metrics"]) == {"ndcg@10", "recall@5"}
+    assert metrics["num_queries"] == 8 and set(metrics["metrics"]) == {"ndcg@10", "recall@5"}
     assert "| ndcg@10 |" in (out / "report.md").read_text() and (out / "runs" / "base.trec").is_file()
+    assert len(list(cache.glob("*.npy"))) == 1  # the base corpus, cached
+    # The saved base run stands in for the frozen base: same baseline, no second base encoding.
+    adapter = ["--adapter", str(adapter_dirs["embedder"]), "--no-save-runs"]
+    assert evaluate_main(common + adapter + ["--output", str(tmp_path / "a"), "--baseline-run",
+                                            str(out / "runs" / "base.trec"), "--baseline-name", "saved base"]) == 0
+    assert evaluate_main(common + adapter + ["--output", str(tmp_path / "b")]) == 0
+    saved, recomputed = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("a", "b"))
+    assert saved["baseline_name"] == "saved base" and recomputed["baseline_name"] == "frozen base embedder"
+    assert saved["baseline"] == pytest.approx(recomputed["baseline"])
+    assert saved["baseline"] == pytest.approx(metrics["metrics"])
+    assert saved["adapter"] == recomputed["adapter"]  # the second adapter encoding came from the cache
 
 
 def test_bad_input_gives_clear_errors(adapter_dirs: dict[str, Path], tiny_beir: Path, base_path: str,
