@@ -33,7 +33,7 @@ class GatePolicy:
     primary_metric: str = field("ndcg@10", "metric the candidate must improve (a ranx name among the evaluated metrics)")
     min_gain: float = field(0.005, "smallest absolute gain on the primary metric worth promoting (0.005 = half a point)")
     alpha: float = field(0.05, "significance level of the paired test: p-values below it count as real differences")
-    require_significance: bool = field(True, "also require the primary gain to be significant at --alpha")
+    require_significance: bool = field(True, "also require the primary gain to be significant at the level alpha")
     max_regressed_share: float = field(0.3, "largest share of queries allowed to score lower on the primary metric")
 
     def __post_init__(self) -> None:
@@ -90,14 +90,15 @@ def _gain_check(result: MetricResult, policy: GatePolicy) -> tuple[bool, str]:
 
 def _significance_check(result: MetricResult, policy: GatePolicy, stat_test: str) -> tuple[bool, str]:
     test = f"paired {'t-test' if stat_test == 'student' else stat_test + ' test'}"
+    significant = result.delta > 0 and result.significant(policy.alpha)
+    if not policy.require_significance and not significant:
+        return True, (f"the {result.metric} gain is not significant ({test}, {_fmt_p(result.p_value)}), "
+                      "which this policy allows (require_significance is off)")
     if result.delta <= 0:
         return False, f"there is no {result.metric} gain to be significant ({test}, {_fmt_p(result.p_value)})"
-    if result.significant(policy.alpha):
-        return True, f"the {result.metric} difference is significant ({test}, {_fmt_p(result.p_value)} < {policy.alpha})"
-    if not policy.require_significance:
-        return True, (f"the {result.metric} difference is not significant ({test}, {_fmt_p(result.p_value)}), "
-                      "which this policy allows (require_significance is off)")
-    return False, (f"the {result.metric} difference is not significant ({test}, {_fmt_p(result.p_value)} >= "
+    if significant:
+        return True, f"the {result.metric} gain is significant ({test}, {_fmt_p(result.p_value)} < {policy.alpha})"
+    return False, (f"the {result.metric} gain is not significant ({test}, {_fmt_p(result.p_value)} >= "
                    f"{policy.alpha}): it may be noise on these {result.wins + result.losses + result.ties} queries")
 
 

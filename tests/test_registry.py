@@ -240,3 +240,29 @@ def test_cli_list_show_promote_rollback(registry: Registry, capsys) -> None:
     done = subprocess.run([sys.executable, "-m", "retrieval_lora.registry", *root, "show", "demo@7"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and "error: adapter 'demo' has no version 7" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_training_ends_by_gating_registering_and_promoting(tiny_beir: Path, tmp_path: Path, base_path: str,
+                                                           capsys) -> None:
+    from retrieval_lora.train import main as train_main
+
+    registry = Registry(tmp_path / "reg")
+    code = train_main(["--task", "embedder", "--data", str(tiny_beir), "--base", base_path, "--output",
+                       str(tmp_path / "runs"), "--epochs", "3", "--batch-size", "4", "--rank", "4",
+                       "--max-seq-length", "32", "--eval-split", "train", "--dev-split", "",
+                       "--registry", str(registry.root), "--name", "tiny",
+                       # 8 queries are too few for significance; this test is about the wiring
+                       "--no-gate-require-significance", "--gate-min-gain", "0", "--gate-max-regressed-share", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    report = tmp_path / "runs" / "embedder" / "evaluation"
+    assert f"Report: {report / 'report.html'}" in printed and "gate: PASSED" in printed
+    assert "Registered and promoted tiny@1" in printed
+    version = registry.resolve("tiny")
+    assert version.version == 1 and version.decision()["passed"]
+    assert (version.report_dir / "report.html").is_file() and version.metrics()["split"] == "train"
+    assert version.manifest()["config"]["lora"]["rank"] == 4
+    assert registry.history("tiny")[0]["reason"].startswith("gate passed: ndcg@10 went from")
+    metrics = json.loads((tmp_path / "runs" / "embedder" / "metrics.json").read_text())
+    assert metrics["decision"]["passed"] and "p_value" in metrics
