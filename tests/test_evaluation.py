@@ -21,6 +21,7 @@ from retrieval_lora.models import (
     METADATA_FILE, AdapterMetadata, LoraSettings, attach_lora, base_fingerprint, load_adapter, load_base,
     save_adapter, transformer_of,
 )
+from retrieval_lora.registry import Registry
 
 # Two labelled queries plus one the run never answers.
 #   q1: relevant d1 at rank 2             -> nDCG@10 1/log2(3) = 0.63093, RR 1/2, AP 1/2, recall 1
@@ -205,7 +206,10 @@ def test_base_alone_then_its_saved_run_as_the_baseline(adapter_dirs: dict[str, P
     adapter = ["--adapter", str(adapter_dirs["embedder"]), "--no-save-runs"]
     assert evaluate_main(common + adapter + ["--output", str(tmp_path / "a"), "--baseline-run",
                                             str(out / "runs" / "base.trec"), "--baseline-name", "saved base"]) == 0
-    assert evaluate_main(common + adapter + ["--output", str(tmp_path / "b")]) == 0
+    registry = Registry(tmp_path / "reg")
+    registry.promote("tiny", registry.register("tiny", adapter_dirs["embedder"]).version)
+    assert evaluate_main(common + ["--adapter", "tiny", "--registry", str(registry.root), "--no-save-runs",
+                                   "--output", str(tmp_path / "b")]) == 0  # the promoted version, from the registry
     saved, recomputed = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("a", "b"))
     assert saved["baseline_name"] == "saved base" and recomputed["baseline_name"] == "frozen base embedder"
     assert saved["baseline"] == pytest.approx(recomputed["baseline"])
