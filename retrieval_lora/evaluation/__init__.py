@@ -1,0 +1,32 @@
+"""Building runs (retrieve, rerank), scoring them with ranx, and comparing two of them.
+
+A run is plain data: query id -> {document id -> score}, the same shape as qrels. Retrieval
+uses exact inner-product search in FAISS over normalized embeddings (cosine similarity).
+
+- `retrieve`: the top k of the whole corpus per query of a split; `exclude_self=True` drops a
+  query's own id from its results (for datasets whose queries are also documents).
+- `rerank`: a cross-encoder rescores the top k of a first-stage run (the base embedder's, or a
+  TREC run file read with `read_trec_run`, whose ids are checked against the dataset).
+- `score_run`: mean metrics (ranx names: "ndcg@10", "mrr@10", "recall@100", "map@100", ...).
+- `compare_runs`: baseline vs candidate on the same queries with ranx's paired significance
+  test (`ranx.compare`), per-query scores, wins/losses/ties and the worst regressions.
+- `compare_with_base`: all of the above for an adapter against its frozen base. For a
+  reranker the baseline is the better (on the primary metric) of the first-stage ranking alone
+  and the frozen base reranker.
+
+A query of the split that is missing from a run scores 0 on every metric (it was not answered).
+"""
+
+from retrieval_lora.evaluation.comparison import Comparison, compare_with_base
+from retrieval_lora.evaluation.metrics import (
+    DEFAULT_METRICS, STAT_TESTS, TIE_TOLERANCE, MetricResult, PairedComparison, QueryDelta, check_metrics,
+    compare_runs, score_run,
+)
+from retrieval_lora.evaluation.runs import Run, check_run_ids, rerank, retrieve, search
+from retrieval_lora.evaluation.trec import read_trec_run, write_trec_run
+
+__all__ = [
+    "DEFAULT_METRICS", "STAT_TESTS", "TIE_TOLERANCE", "Comparison", "MetricResult", "PairedComparison", "QueryDelta",
+    "Run", "check_metrics", "check_run_ids", "compare_runs", "compare_with_base", "read_trec_run", "rerank",
+    "retrieve", "score_run", "search", "write_trec_run",
+]
