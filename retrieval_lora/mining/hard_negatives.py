@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from datasets import Dataset
@@ -39,9 +40,9 @@ from retrieval_lora.errors import MiningError
 from retrieval_lora.manifest import build_manifest
 from retrieval_lora.mining.config import MiningConfig
 from retrieval_lora.mining.cross_encoder_filter import cross_encoder_drops
-from retrieval_lora.mining.index import search_corpus
+from retrieval_lora.mining.index import SearchResult, search_corpus
 from retrieval_lora.mining.result import MiningResult
-from retrieval_lora.mining.selection import candidate_window, margin_threshold, pick
+from retrieval_lora.mining.selection import Window, candidate_window, margin_threshold, pick
 from retrieval_lora.mining.stats import score_distributions
 from retrieval_lora.models import load_base
 
@@ -91,23 +92,35 @@ def _plan(dataset: RetrievalDataset, split: str) -> _Plan:
     return plan
 
 
-def _rows_of(plan: _Plan, corpus: CorpusEmbeddings) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, list[str], int]:
+@dataclass
+class _Rows:
+    """One entry per (query, distinct positive text): its query index, positive corpus row and id."""
+
+    positive_rows: list[np.ndarray]
+    query: np.ndarray
+    positive: np.ndarray
+    positive_id: list[str]
+    duplicate_positives: int
+
+
+def _rows_of(plan: _Plan, corpus: CorpusEmbeddings) -> _Rows:
     """Per query its distinct positive corpus rows; per training row its query, positive row and id."""
     row_of = corpus.row_of()
-    positive_rows, row_query, row_positive, row_positive_id, duplicates = [], [], [], [], 0
+    rows = _Rows([], np.empty(0), np.empty(0), [], 0)
+    row_query, row_positive = [], []
     for q, ids in enumerate(plan.positive_ids):
         seen: dict[int, str] = {}
         for doc_id in ids:
             if row_of[doc_id] in seen:
-                duplicates += 1  # same text as an earlier positive: one row is enough
+                rows.duplicate_positives += 1  # same text as an earlier positive: one row is enough
                 continue
             seen[row_of[doc_id]] = doc_id
-        positive_rows.append(np.fromiter(seen, dtype=np.int64))
+        rows.positive_rows.append(np.fromiter(seen, dtype=np.int64))
         row_query += [q] * len(seen)
         row_positive += list(seen)
-        row_positive_id += list(seen.values())
-    return positive_rows, np.asarray(row_query, dtype=np.int64), np.asarray(row_positive, dtype=np.int64), \
-        row_positive_id, duplicates
+        rows.positive_id += list(seen.values())
+    rows.query, rows.positive = np.asarray(row_query, dtype=np.int64), np.asarray(row_positive, dtype=np.int64)
+    return rows
 
 
 def _pair_scores(queries: np.ndarray, query_at: np.ndarray, docs: np.ndarray, doc_at: np.ndarray) -> np.ndarray:
@@ -122,6 +135,90 @@ def _load_cross_encoder(config: MiningConfig, given: CrossEncoder | None) -> Cro
     if given is not None or not config.cross_encoder:
         return given
     return load_base("reranker", config.cross_encoder)
+
+
+@dataclass
+class _Selection:
+    """Per row (rows x window): which candidates each guard removed, which survived, and the pick."""
+
+    window: Window
+    positive_scores: np.ndarray
+    candidate_scores: np.ndarray
+    in_window: np.ndarray
+    margin_drop: np.ndarray
+    ce_drop: np.ndarray
+    keep: np.ndarray
+    order: np.ndarray | None = None
+    enough: np.ndarray | None = None
+
+
+def _encode(model: SentenceTransformer, dataset: RetrievalDataset, plan: _Plan, cache: EmbeddingCache | None,
+            identity: str, config: MiningConfig, seconds: dict[str, float]) -> tuple[CorpusEmbeddings, np.ndarray, str]:
+    tick = time.perf_counter()
+    corpus = encode_corpus_cached(model, dataset, cache, identity=identity, batch_size=config.batch_size,
+                                  show_progress=config.show_progress)
+    seconds["encode_corpus"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    queries, status = encode_texts_cached(
+        model, plan.query_texts, cache, content=f"queries:{texts_fingerprint(plan.query_texts)}", identity=identity,
+        batch_size=config.batch_size, show_progress=config.show_progress,
+        description=f"Encoding {len(plan.query_texts)} queries")
+    seconds["encode_queries"] = time.perf_counter() - tick
+    return corpus, queries, status
+
+
+def _select(search: SearchResult, rows: _Rows, corpus: CorpusEmbeddings, queries: np.ndarray, plan: _Plan,
+            config: MiningConfig, cross_encoder: CrossEncoder | None, seconds: dict[str, float]) -> _Selection:
+    """Window -> margin guard -> optional cross-encoder guard -> pick, timed."""
+    tick = time.perf_counter()
+    window = candidate_window(search.indices, search.scores, rows.positive_rows, len(corpus.vectors),
+                              config.rank_start, config.rank_end)
+    positive_scores = _pair_scores(queries, rows.query, corpus.vectors, rows.positive)
+    candidate_scores = window.scores[rows.query]
+    in_window = window.indices[rows.query] >= 0
+    margin_drop = in_window & (candidate_scores > margin_threshold(positive_scores, config.margin)[:, None])
+    chosen = _Selection(window, positive_scores, candidate_scores, in_window, margin_drop,
+                        np.zeros_like(in_window), in_window & ~margin_drop)
+    seconds["select"] = time.perf_counter() - tick
+    if cross_encoder is not None:
+        tick = time.perf_counter()
+        chosen.ce_drop = cross_encoder_drops(cross_encoder, plan.query_texts, corpus.texts, window.indices, rows.query,
+                                             rows.positive, chosen.keep, config.margin, config.batch_size,
+                                             config.show_progress)
+        chosen.keep &= ~chosen.ce_drop
+        seconds["cross_encoder"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    chosen.order, chosen.enough = pick(chosen.keep, config.negatives, config.sampling,
+                                       np.random.default_rng(config.seed))
+    seconds["select"] += time.perf_counter() - tick
+    return chosen
+
+
+def _stats(split: str, plan: _Plan, rows: _Rows, corpus: CorpusEmbeddings, chosen: _Selection,
+           chosen_scores: np.ndarray, search: SearchResult, cache: dict[str, Any], seconds: dict[str, float]) -> dict:
+    enough = chosen.enough
+    written_queries = len(set(rows.query[enough].tolist()))
+    return {
+        "split": split,
+        "corpus": {"documents": len(corpus.ids), "distinct_texts": len(corpus.texts)},
+        "queries": {"labelled": plan.labelled_queries, "mined": written_queries,
+                    "skipped": {**plan.skipped_queries,
+                                "no_row_with_enough_negatives": len(plan.query_ids) - written_queries}},
+        "rows": {"possible": int(len(rows.query)) + rows.duplicate_positives + plan.missing_positives,
+                 "written": int(enough.sum()),
+                 "dropped": {"positive_missing_from_corpus": plan.missing_positives,
+                             "duplicate_positive_text": rows.duplicate_positives,
+                             "too_few_negatives": int((~enough).sum())}},
+        "candidates": {"counted_per": "(query, positive) row", "in_window": int(chosen.in_window.sum()),
+                       "removed_by_margin": int(chosen.margin_drop.sum()),
+                       "removed_by_cross_encoder": int(chosen.ce_drop.sum()), "kept": int(chosen.keep.sum()),
+                       "labelled_positives_in_search_results": chosen.window.positives_in_results,
+                       "queries_with_short_window": chosen.window.short_queries},
+        "scores": score_distributions(chosen.positive_scores[enough], chosen_scores),
+        "index": search.info,
+        "cache": cache,
+        "seconds": {name: round(value, 3) for name, value in seconds.items()},
+    }
 
 
 def mine_hard_negatives(model: SentenceTransformer, dataset: RetrievalDataset, split: str, config: MiningConfig,
@@ -144,94 +241,46 @@ def mine_hard_negatives(model: SentenceTransformer, dataset: RetrievalDataset, s
         dropped rows with reasons, the index (with recall when approximate) and timings.
 
     Raises:
-        MiningError: empty corpus, `rank_end` larger than the corpus, or no minable query.
+        MiningError: empty corpus, `rank_end` larger than the corpus, no minable query, or no
+            row that kept enough negatives.
         DataError: `split` does not exist in the dataset.
     """
-    started = time.perf_counter()
+    started, seconds = time.perf_counter(), {}
     _check(dataset, config)
     plan = _plan(dataset, split)
     cache = EmbeddingCache(config.cache_dir, config.cache_dtype) if config.cache_dir else None
     identity = model_identity(model)
-    seconds: dict[str, float] = {}
+    corpus, queries, query_cache = _encode(model, dataset, plan, cache, identity, config, seconds)
 
-    tick = time.perf_counter()
-    corpus = encode_corpus_cached(model, dataset, cache, identity=identity, batch_size=config.batch_size,
-                                  show_progress=config.show_progress)
-    seconds["encode_corpus"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    queries, query_cache = encode_texts_cached(
-        model, plan.query_texts, cache, content=f"queries:{texts_fingerprint(plan.query_texts)}", identity=identity,
-        batch_size=config.batch_size, show_progress=config.show_progress,
-        description=f"Encoding {len(plan.query_texts)} queries")
-    seconds["encode_queries"] = time.perf_counter() - tick
-
-    positive_rows, row_query, row_positive, row_positive_id, duplicate_positives = _rows_of(plan, corpus)
-    depth = min(len(corpus.vectors), config.rank_end + max(len(rows) for rows in positive_rows))
+    rows = _rows_of(plan, corpus)
+    depth = min(len(corpus.vectors), config.rank_end + max(len(positives) for positives in rows.positive_rows))
     search = search_corpus(corpus.vectors, queries, depth, kind=config.index,
                            approximate_above=config.approximate_above, nprobe=config.nprobe,
                            ef_search=config.ef_search, recall_queries=config.recall_queries, seed=config.seed)
-
-    tick = time.perf_counter()
-    window = candidate_window(search.indices, search.scores, positive_rows, len(corpus.vectors),
-                              config.rank_start, config.rank_end)
-    positive_scores = _pair_scores(queries, row_query, corpus.vectors, row_positive)
-    candidate_scores = window.scores[row_query]
-    in_window = window.indices[row_query] >= 0
-    margin_drop = in_window & (candidate_scores > margin_threshold(positive_scores, config.margin)[:, None])
-    keep = in_window & ~margin_drop
-    seconds["select"] = time.perf_counter() - tick
-
-    ce_model = _load_cross_encoder(config, cross_encoder)
-    ce_drop = np.zeros_like(keep)
-    if ce_model is not None:
-        tick = time.perf_counter()
-        ce_drop = cross_encoder_drops(ce_model, plan.query_texts, corpus.texts, window.indices, row_query,
-                                      row_positive, keep, config.margin, config.batch_size, config.show_progress)
-        keep &= ~ce_drop
-        seconds["cross_encoder"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    order, enough = pick(keep, config.negatives, config.sampling, np.random.default_rng(config.seed))
+    seconds["search"] = search.info["build_seconds"] + search.info["search_seconds"]
+    chosen = _select(search, rows, corpus, queries, plan, config, _load_cross_encoder(config, cross_encoder), seconds)
+    enough = chosen.enough
     if not enough.any():
         raise MiningError(f"no (query, positive) row of split {split!r} kept {config.negatives} negatives: "
-                          f"{int(in_window.sum())} window candidates, {int(margin_drop.sum())} removed by the margin, "
-                          f"{int(ce_drop.sum())} by the cross-encoder; widen --rank-start/--rank-end, lower --margin "
-                          "or ask for fewer --negatives")
-    chosen = np.take_along_axis(window.indices[row_query], order, axis=1)[enough]
-    chosen_scores = np.take_along_axis(candidate_scores, order, axis=1)[enough]
-    rows, scores = _assemble(plan, corpus, row_query[enough], row_positive[enough],
-                             [row_positive_id[i] for i in np.flatnonzero(enough)], positive_scores[enough],
-                             chosen, chosen_scores)
-    seconds["select"] += time.perf_counter() - tick
-    seconds["search"] = search.info["build_seconds"] + search.info["search_seconds"]
-    seconds["total"] = time.perf_counter() - started
+                          f"{int(chosen.in_window.sum())} window candidates, {int(chosen.margin_drop.sum())} removed "
+                          f"by the margin, {int(chosen.ce_drop.sum())} by the cross-encoder; widen "
+                          "--rank-start/--rank-end, lower --margin or ask for fewer --negatives")
 
-    written_queries = len(set(row_query[enough].tolist()))
-    stats = {
-        "split": split,
-        "corpus": {"documents": len(corpus.ids), "distinct_texts": len(corpus.texts)},
-        "queries": {"labelled": plan.labelled_queries, "mined": written_queries,
-                    "skipped": {**plan.skipped_queries,
-                                "no_row_with_enough_negatives": len(plan.query_ids) - written_queries}},
-        "rows": {"possible": int(len(row_query)) + duplicate_positives + plan.missing_positives,
-                 "written": int(enough.sum()),
-                 "dropped": {"positive_missing_from_corpus": plan.missing_positives,
-                             "duplicate_positive_text": duplicate_positives,
-                             "too_few_negatives": int((~enough).sum())}},
-        "candidates": {"counted_per": "(query, positive) row", "in_window": int(in_window.sum()),
-                       "removed_by_margin": int(margin_drop.sum()), "removed_by_cross_encoder": int(ce_drop.sum()),
-                       "kept": int(keep.sum()), "labelled_positives_in_search_results": window.positives_in_results,
-                       "queries_with_short_window": window.short_queries},
-        "scores": score_distributions(positive_scores[enough], chosen_scores),
-        "index": search.info,
-        "cache": {"corpus": corpus.cache, "queries": query_cache, "model_identity": identity,
-                  "folder": str(cache.folder) if cache else None},
-        "seconds": {name: round(value, 3) for name, value in seconds.items()},
-    }
+    tick = time.perf_counter()
+    negatives = np.take_along_axis(chosen.window.indices[rows.query], chosen.order, axis=1)[enough]
+    negative_scores = np.take_along_axis(chosen.candidate_scores, chosen.order, axis=1)[enough]
+    texts, scores = _assemble(plan, corpus, rows.query[enough], rows.positive[enough],
+                              [rows.positive_id[i] for i in np.flatnonzero(enough)],
+                              chosen.positive_scores[enough], negatives, negative_scores)
+    seconds["select"] += time.perf_counter() - tick
+    seconds["total"] = time.perf_counter() - started
+    cache_info = {"corpus": corpus.cache, "queries": query_cache, "model_identity": identity,
+                  "folder": str(cache.folder) if cache else None}
+    stats = _stats(split, plan, rows, corpus, chosen, negative_scores, search, cache_info, seconds)
     manifest = build_manifest("mined-negatives", config_to_dict(config), split=split,
                               model_identity=identity, corpus_fingerprint=corpus_fingerprint(dataset),
                               dataset_fingerprint=dataset_fingerprint(dataset), dataset=str(dataset.root))
-    return MiningResult(rows, scores, stats, manifest)
+    return MiningResult(texts, scores, stats, manifest)
 
 
 def _assemble(plan: _Plan, corpus: CorpusEmbeddings, row_query: np.ndarray, row_positive: np.ndarray,
