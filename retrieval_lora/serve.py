@@ -34,7 +34,7 @@ def build_service(config: ServeConfig) -> RetrievalService:
     service = RetrievalService(RegistrySource(Registry(config.registry)), base=config.base, base_name=config.base_name,
                                device=config.device, max_seq_length=config.max_seq_length,
                                batch_size=config.batch_size, batch_wait_ms=config.batch_wait_ms,
-                               max_loaded_adapters=config.max_loaded_adapters)
+                               max_loaded_adapters=config.max_loaded_adapters, mixed_lora=config.mixed_lora)
     service.start(config.task_list, config.preload_list)
     return service
 
@@ -42,11 +42,16 @@ def build_service(config: ServeConfig) -> RetrievalService:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    parser = build_parser(ServeConfig, __doc__, prog="python -m retrieval_lora.serve", epilog=EPILOG)
+    parser = build_parser(ServeConfig, __doc__, prog="python -m retrieval_lora.serve", epilog=EPILOG,
+                          choices={"mixed_lora": ("grouped", "peft")})
     config: ServeConfig = config_from_args(ServeConfig, parser.parse_args(argv))
     keys = KeyRing(config.keys) if config.keys else None
     if keys is None:
         print("warning: no --keys file: every client on this machine may use every model", flush=True)
+    if config.threads is not None:
+        import torch
+
+        torch.set_num_threads(config.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = build_service(config)
     print(f"Serving base {service.base_name!r} and the adapters of {config.registry} on "

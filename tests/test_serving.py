@@ -113,13 +113,18 @@ def test_mixed_adapter_pass_equals_single_adapter_inference(task, names, service
         assert targets[1].slot is slot  # one base per task, both adapters on it
         choice = [0, 1, 2, 1, 0]  # row i uses adapter names[choice[i]]; 2 = the bare base
         peft_names = [targets[c].adapter_name if c < 2 else BASE_ADAPTER for c in choice]
-        outputs, tokens = slot.run(_rows(task), peft_names)
+        outputs = {}
+        for mode in ("peft", "grouped"):  # PEFT's own mixed path and ours (rows grouped, LoRA added in place)
+            slot.mixed_lora = mode
+            outputs[mode], tokens = slot.run(_rows(task), peft_names)
     finally:
+        slot.mixed_lora = "grouped"
         for target in targets:
             service.release(target)
     keys = [ADAPTERS[task][0], ADAPTERS[task][1], f"base-{task}"]
     expected = np.stack([references[keys[c]][row] for row, c in enumerate(choice)])
-    np.testing.assert_allclose(outputs, expected, atol=1e-5, rtol=0)
+    for mode, output in outputs.items():
+        np.testing.assert_allclose(output, expected, atol=1e-5, rtol=0, err_msg=mode)
     assert not np.allclose(references[keys[0]], references[keys[2]], atol=1e-3)  # adapters really differ from base
     assert all(count > 2 for count in tokens)
 
@@ -250,3 +255,10 @@ def test_serve_config_from_flags_and_its_validation() -> None:
     with pytest.raises(ConfigError, match="batch_size=0.*tasks='embedder,ranker'"):
         ServeConfig(batch_size=0, tasks="embedder,ranker")
     ServeConfig(host="0.0.0.0", keys="keys.yaml")
+
+
+def test_row_groups_are_contiguous_runs_without_the_base() -> None:
+    from retrieval_lora.serving.lora_batch import row_groups
+
+    assert row_groups(["a1", "a1", BASE_ADAPTER, "a2"], skip=BASE_ADAPTER) == [("a1", 0, 2), ("a2", 3, 4)]
+    assert row_groups([BASE_ADAPTER] * 3, skip=BASE_ADAPTER) == [] and row_groups([], skip=BASE_ADAPTER) == []

