@@ -237,3 +237,16 @@ def test_bad_input_gives_clear_errors(adapter_dirs: dict[str, Path], tiny_beir: 
         EvaluateConfig(metrics="mrr@10")
     with pytest.raises(Exception, match="not a folder, and not a registry entry"):
         evaluate(EvaluateConfig(adapter="nothing-here", registry=str(tmp_path / "reg"), **common))
+
+
+def test_base_reranker_alone_reranks_a_user_run_file(tiny_beir: Path, base_path: str, tmp_path: Path) -> None:
+    dataset = load_dataset(str(tiny_beir))
+    first = {qid: {doc_id: -float(rank) for rank, doc_id in enumerate(sorted(dataset.corpus))}
+             for qid in dataset.split_qrels("test")}
+    run_file = write_trec_run(first, tmp_path / "first.trec")
+    outcome = evaluate(EvaluateConfig(task="reranker", data=str(tiny_beir), base=base_path, max_seq_length=32,
+                                      first_stage=str(run_file), rerank_top_k=5, output=str(tmp_path / "r")))
+    assert outcome.comparison is None and set(outcome.metrics) == {"ndcg@10", "mrr@10", "recall@100", "map@100"}
+    reranked = read_trec_run(tmp_path / "r" / "runs" / "base.trec")
+    for qid in first:  # only the top 5 were rescored; the rest keep the file's order
+        assert list(sorted(reranked[qid], key=reranked[qid].get, reverse=True))[5:] == sorted(dataset.corpus)[5:]
