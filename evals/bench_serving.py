@@ -235,6 +235,13 @@ def scenario(servers: dict, pids: dict, endpoint: str, server: str, k: int, name
 
 
 # ---- report ----------------------------------------------------------------------------------
+def progress(result: dict) -> str:
+    count = max(result["requests"], 1)
+    return (f"{result['requests']} requests in {result['seconds']:.1f}s ({result['requests'] / result['seconds']:.2f}/s), "
+            f"{result['error_count']} errors, {result['rows'] / max(result['passes'], 1):.1f} rows/pass, "
+            f"{1000 * result['cpu_seconds'] / count:.0f} server CPU ms/request")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
@@ -247,7 +254,8 @@ def summarize(runs: dict[tuple[str, str, int], list[dict]]) -> list[dict]:
         requests, seconds = sum(r["requests"] for r in results), sum(r["seconds"] for r in results)
         passes = sum(r["passes"] for r in results)
         cpu = sum(r["cpu_seconds"] for r in results)
-        rows.append({"endpoint": endpoint, "server": server, "adapters": k, "requests": requests, "errors": sum(r["error_count"] for r in results),
+        rows.append({"endpoint": endpoint, "server": server, "adapters": k, "requests": requests,
+                     "errors": sum(r["error_count"] for r in results),
                      "seconds": round(seconds, 1), "rps": requests / seconds if seconds else 0.0,
                      "rps_per_round": [round(r["requests"] / r["seconds"], 2) for r in results],
                      "cpu_ms_per_request": 1000 * cpu / requests if requests else float("nan"),
@@ -269,20 +277,27 @@ def write_report(rows: list[dict], meta: dict, output: Path) -> None:
     lines = [f"# Serving benchmark ({meta['dataset']}, {meta['cpu_count']} CPU cores, {meta['device']})", "",
              f"Command: `{meta['command']}`", "",
              f"Load average before/after: {meta['loadavg_before']} / {meta['loadavg_after']} (shared machine).",
-             f"Server torch threads {meta['threads']}; concurrency {meta['concurrency']}; embed = {meta['embed_batch']} texts/request, rerank = 1 query + "
-             f"{meta['rerank_docs']} documents/request; max_seq_length {meta['max_seq_length']}; "
+             f"Server torch threads {meta['threads']}; concurrency {meta['concurrency']}; "
+             f"embed = {meta['embed_batch']} texts/request, rerank = 1 query + {meta['rerank_docs']} documents/request; "
+             f"max_seq_length {meta['max_seq_length']}; "
              f"{meta['rounds']} interleaved rounds of at most {meta['seconds']:.0f} s or {meta['max_requests']} "
              "requests per scenario.", "",
              "| endpoint | adapters | requests | req/s (wall) | per round | vs base | server CPU ms/req | "
              "capacity req/CPU-s | vs base | p50 ms | p99 ms | rows/pass | adapters/pass |",
              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        label = "base alone" if r["adapters"] == 0 else f"{r['adapters']}" + (" (peft path)" if r["server"] == "peft" else "")
+        label = "base alone" if r["adapters"] == 0 else str(r["adapters"])
+        label += " (peft path)" if r["server"] == "peft" else ""
         lines.append(f"| {r['endpoint']} | {label} | {r['requests']} | {r['rps']:.2f} | {r['rps_per_round']} | "
                      f"{100 * r['throughput_vs_base']:.0f}% | {r['cpu_ms_per_request']:.0f} | {r['capacity']:.2f} | "
                      f"{100 * r['capacity_vs_base']:.0f}% | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
                      f"{r['rows_per_pass']:.1f} | {r['adapters_per_pass']:.2f} |")
-    lines += ["", f"Target: at most {100 * TARGET_LOSS:.0f}% throughput loss at 16 adapters vs the base alone.",
+    lines += ["", f"Texts: seeded sample (seed {meta['seed']}) of {meta['sample']} queries and {meta['sample']} "
+              "documents.",
+              "Capacity = requests per second of server CPU time (user + system, all threads): what a request costs, "
+              "so the throughput of a dedicated core. Wall-clock req/s on this shared machine mostly follows how much "
+              "CPU the scheduler gave the server during that scenario (compare the two rounds of one scenario).",
+              "", f"Target: at most {100 * TARGET_LOSS:.0f}% throughput loss at 16 adapters vs the base alone.",
               *[f"- {r['endpoint']}: capacity (CPU time) {100 * (1 - r['capacity_vs_base']):+.1f}% loss -> "
                 f"{'met' if 1 - r['capacity_vs_base'] <= TARGET_LOSS else 'NOT met'}; wall-clock "
                 f"{100 * (1 - r['throughput_vs_base']):+.1f}% loss -> "
@@ -322,11 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                     for server, k in SCENARIOS:
                         result = scenario(servers, pids, endpoint, server, k, names, queries, documents, args)
                         runs.setdefault((endpoint, server, k), []).append(result)
-                        print(f"round {round_index + 1} {endpoint:6s} {server:8s} adapters={k:2d}: {result['requests']} requests "
-                              f"in {result['seconds']:.1f}s ({result['requests'] / result['seconds']:.2f}/s), "
-                              f"{result['error_count']} errors, {result['rows'] / max(result['passes'], 1):.1f} rows/pass, "
-                              f"{1000 * result['cpu_seconds'] / max(result['requests'], 1):.0f} server CPU ms/request",
-                              flush=True)
+                        print(f"round {round_index + 1} {endpoint:6s} {server:8s} adapters={k:2d}: "
+                              + progress(result), flush=True)
         finally:
             for process in processes:
                 process.terminate()
@@ -336,9 +348,11 @@ def main(argv: list[str] | None = None) -> int:
                 except subprocess.TimeoutExpired:
                     process.kill()
     rows = summarize(runs)
-    meta = {"command": "nice -n 10 python evals/bench_serving.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    flags = " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {"command": f"nice -n 10 python evals/bench_serving.py {flags}",
             "dataset": args.dataset, "cpu_count": os.cpu_count(), "device": "CPU", "concurrency": args.concurrency,
-            "threads": args.threads, "embed_batch": args.embed_batch, "rerank_docs": args.rerank_docs, "max_seq_length": args.max_seq_length,
+            "threads": args.threads, "embed_batch": args.embed_batch, "rerank_docs": args.rerank_docs,
+            "max_seq_length": args.max_seq_length,
             "rounds": args.rounds, "seconds": args.seconds, "max_requests": args.max_requests,
             "loadavg_before": [round(x, 2) for x in loadavg_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()], "sample": args.sample, "seed": args.seed}
