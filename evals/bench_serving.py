@@ -237,7 +237,8 @@ def scenario(servers: dict, pids: dict, endpoint: str, server: str, k: int, name
 # ---- report ----------------------------------------------------------------------------------
 def progress(result: dict) -> str:
     count = max(result["requests"], 1)
-    return (f"{result['requests']} requests in {result['seconds']:.1f}s ({result['requests'] / result['seconds']:.2f}/s), "
+    rate = result["requests"] / result["seconds"]
+    return (f"{result['requests']} requests in {result['seconds']:.1f}s ({rate:.2f}/s), "
             f"{result['error_count']} errors, {result['rows'] / max(result['passes'], 1):.1f} rows/pass, "
             f"{1000 * result['cpu_seconds'] / count:.0f} server CPU ms/request")
 
