@@ -14,8 +14,10 @@ Same arithmetic as PEFT's vanilla LoRA in eval mode (dropout is the identity): o
 PEFT's mixed path and single-adapter inference to float rounding (tests check 1e-5).
 
 Supported: vanilla LoRA on `nn.Linear` layers of batch-first models (BERT-like encoders), plus
-`modules_to_save` heads. Anything else (DoRA and other variants, LoRA biases, embedding or
-conv LoRA, trainable tokens) is reported by `supports_grouped` and served by PEFT's own path.
+`modules_to_save` heads. Anything else (LoRA variants, LoRA biases, embedding or conv LoRA,
+trainable tokens) is reported by `supports_grouped` and the pass falls back to PEFT's own path.
+Not supported by either path: DoRA (PEFT refuses DoRA in mixed batches; our training never
+makes DoRA adapters).
 """
 
 from __future__ import annotations

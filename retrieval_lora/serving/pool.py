@@ -7,7 +7,7 @@ name (`a1`, `a2`, ...: PEFT names may not contain '.', registry names may). A fo
 takes one PEFT adapter name per row (`"__base__"` for the bare base), so rows for different
 adapters share one pass. The rows are grouped by adapter and each group's LoRA update is added
 in place (lora_batch.py, `mixed_lora="grouped"`, the default); `mixed_lora="peft"`, or an
-adapter lora_batch.py cannot apply (DoRA, ...), uses PEFT's own mixed-batch path instead.
+adapter lora_batch.py cannot apply (see there), uses PEFT's own mixed-batch path instead.
 Both are inference only.
 
 Leases keep an adapter version in memory while a request that resolved to it is in flight, so
