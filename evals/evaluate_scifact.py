@@ -42,6 +42,18 @@ def _run(config) -> tuple[object, float]:
     return outcome, time.time() - started
 
 
+def _training_settings(adapter: str) -> str:
+    """The adapter's training settings (from its retrieval_lora.json), as one line."""
+    from retrieval_lora.models import read_adapter_metadata
+
+    config = read_adapter_metadata(adapter).config
+    lora = config.get("lora", {})
+    return (f"`python -m retrieval_lora.train --task {config.get('task')} --data {config.get('data')} --epochs "
+            f"{config.get('epochs')}` (base {config.get('base')}, LoRA r={lora.get('rank')} alpha={lora.get('alpha')} "
+            f"on {lora.get('target_modules')}, loss {config.get('loss')}, batch {config.get('batch_size')}, lr "
+            f"{config.get('lr')}, max length {config.get('max_seq_length')}, seed {config.get('seed')})")
+
+
 def _summary_markdown(summary: dict) -> str:
     lines = ["# SciFact evaluation (test split, 300 queries, 5,183 documents)", ""]
     if "base" in summary:
@@ -54,7 +66,7 @@ def _summary_markdown(summary: dict) -> str:
     if "adapter" in summary:
         adapter = summary["adapter"]
         lines += ["## Adapter vs frozen base", "", f"Command: `{adapter['command']}`", "",
-                  f"Adapter: `{adapter['adapter']}`", "",
+                  f"Adapter: `{adapter['adapter']}`, trained with {adapter.get('training', 'unknown settings')}", "",
                   "| metric | base | adapter | delta | p-value |", "| --- | --- | --- | --- | --- |",
                   *[f"| {m} | {r['baseline']:.4f} | {r['candidate']:.4f} | {r['delta']:+.4f} | {r['p_value']:.4g} |"
                     for m, r in adapter["metrics"].items()], "",
@@ -101,7 +113,9 @@ def main() -> int:
                                                baseline_run=baseline, baseline_name="frozen base embedder (run of the "
                                                "base evaluation above)" if baseline else None, **common))
         paired = outcome.comparison.paired.to_dict()
-        summary["adapter"] = {"command": command, "adapter": args.adapter, "baseline": outcome.comparison.baseline_name,
+        training = _training_settings(args.adapter)
+        summary["adapter"] = {"command": command, "adapter": args.adapter, "training": training,
+                              "baseline": outcome.comparison.baseline_name,
                               "metrics": paired["metrics"], "passed": outcome.decision.passed,
                               "reasons": outcome.decision.reasons, "seconds": round(seconds, 1)}
         print(f"adapter vs base: {outcome.decision.summary()} in {seconds:.0f}s")
