@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="scifact")
     parser.add_argument("--datasets-dir", default=str(ROOT.parent / "shared" / "datasets"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--negatives", type=int, default=4)
+    parser.add_argument("--negatives", type=int, default=1, help="negatives per row (1 = the training default)")
     parser.add_argument("--rank-start", type=int, default=10)
     parser.add_argument("--rank-end", type=int, default=100)
     parser.add_argument("--margin", type=float, default=0.95)
@@ -118,12 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = rows_for(variant, dataset, args)
         config = TrainConfig(task="embedder", data=str(folder), output=args.workdir, epochs=args.epochs,
                              batch_size=args.batch_size, max_seq_length=args.max_seq_length, seed=args.seed,
-                             dev_split="")
+                             dev_split="", mining=False)  # rows carry their negatives; in-batch has none
         result = train_adapter(config, dataset, Path(args.workdir) / variant, rows=rows)
         metrics = score_run(qrels, retrieve(result.model, dataset, "test", show_progress=False))
         report["variants"][variant] = {"train_rows": result.train_rows, "metrics": metrics,
                                        "seconds": round(time.perf_counter() - started, 1)}
         print(variant, json.dumps(report["variants"][variant]), flush=True)
+        _write(report, args)  # after every variant: a long run that stops early keeps what it measured
+    return 0
+
+
+def _write(report: dict, args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"mining_downstream_{args.dataset}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     lines = [f"# Negatives vs adapter quality: {args.dataset} (test nDCG@10)", "", f"Command: `{report['command']}`", "",
@@ -133,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {variant} | {entry['train_rows']} | {entry['metrics']['ndcg@10']:.4f} | "
                      f"{entry['metrics']['recall@100']:.4f} | {entry['seconds']} |")
     (RESULTS / f"mining_downstream_{args.dataset}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":
