@@ -6,10 +6,11 @@ unhashable model would silently switch caching off). The flow computes each key 
 passes it to the task as `key`; the same key names the step's output folder, so a cached
 result and the files it points to always belong together.
 
-Results are persisted as JSON under `<workdir>/prefect-results/<stage>-<key>`, readable
-without Prefect. Prefect finds them there on the next run whatever API server is used (the
-temporary one or `prefect server`), which is what makes a rerun after a crash skip the
-finished steps.
+Results are persisted under `<workdir>/prefect-results/<stage>-<key>` (JSON, readable without
+Prefect, except the evaluation's pickled comparison). Prefect finds them there on the next run
+whatever API server is used (the temporary one or `prefect server`), which is what makes a
+rerun after a crash skip the finished steps. Delete a work folder as a whole: results and the
+files they point to live side by side (`CachedSteps` recomputes a step whose files vanished).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
+
+from prefect import get_run_logger
 
 # Bump when a task's output layout changes, so old cached results are not read back.
 CACHE_VERSION = 1
@@ -50,3 +53,30 @@ def key_parameter(stage: str) -> Callable[[Any, dict[str, Any]], str]:
 def result_storage(workdir: str | Path) -> Path:
     """The folder holding the persisted task results of runs that use `workdir`."""
     return Path(workdir).resolve() / "prefect-results"
+
+
+class CachedSteps:
+    """Runs cached steps with results persisted under the work folder, recording their states."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.states: dict[str, str] = {}
+
+    def run(self, label: str, step: Any, check: str | None = None, **parameters: Any) -> Any:
+        """Run `step` and return its result; its final state (Completed, Cached) goes to `states`.
+
+        `check` names a path in the result: a cached result whose files were deleted since is
+        recomputed, rather than handing later steps a path that no longer exists.
+        """
+        step = step.with_options(result_storage=result_storage(self.work))
+        state = step(**parameters, return_state=True)
+        result = state.result()
+        if state.name == "Cached" and check and not Path(result[check]).exists():
+            get_run_logger().warning(f"{label}: the cached result's {result[check]} is gone; recomputing")
+            state = step.with_options(refresh_cache=True)(**parameters, return_state=True)
+            result = state.result()
+        self.states[label] = state.name
+        return result
+
+    def folder(self, label: str, key: str) -> str:
+        return str(self.work / label / key)

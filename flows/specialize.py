@@ -41,7 +41,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import TaskRunner
 
 from flows import tasks
-from flows.caching import plain, result_storage, step_key
+from flows.caching import CachedSteps, plain, step_key
 from flows.encode import RunnerKind, encode_corpus, make_task_runner
 from retrieval_lora.config import read_config_file
 from retrieval_lora.errors import ConfigError
@@ -73,33 +73,6 @@ class SpecializeOutcome:
         """A few lines for a terminal: the verdict, what training did, the gate's reasons."""
         lines = [f"{self.status.upper()} {self.version}", f"training: {self.training}"]
         return "\n".join(lines + [f"  - {reason}" for reason in self.reasons])
-
-
-class _Steps:
-    """Runs cached steps with results persisted under the work folder, recording their states."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.states: dict[str, str] = {}
-
-    def run(self, label: str, step: Any, check: str | None = None, **parameters: Any) -> Any:
-        """Run `step` and return its result; its final state (Completed, Cached) goes to `states`.
-
-        `check` names a path in the result: a cached result whose files were deleted since is
-        recomputed, rather than handing later steps a path that no longer exists.
-        """
-        step = step.with_options(result_storage=result_storage(self.work))
-        state = step(**parameters, return_state=True)
-        result = state.result()
-        if state.name == "Cached" and check and not Path(result[check]).exists():
-            get_run_logger().warning(f"{label}: the cached result's {result[check]} is gone; recomputing")
-            state = step.with_options(refresh_cache=True)(**parameters, return_state=True)
-            result = state.result()
-        self.states[label] = state.name
-        return result
-
-    def folder(self, label: str, key: str) -> str:
-        return str(self.work / label / key)
 
 
 def _training_settings(train: TrainConfig) -> dict[str, Any]:
@@ -175,7 +148,7 @@ def specialize(train: TrainConfig = TrainConfig(), mining: MiningConfig | None =
     if train.train_pairs:
         raise ConfigError("train.train_pairs is not supported by the flow (it builds the rows itself); "
                           "use `python -m retrieval_lora.train --train-pairs` for prepared rows")
-    steps = _Steps(Path(workdir).resolve())
+    steps = CachedSteps(Path(workdir).resolve())
     data = tasks.load_data(train.data)
     get_run_logger().info(f"dataset {data['path']}: {data['documents']} documents, fingerprint {data['fingerprint']}")
     mining = _mining_config(train, mining, data["documents"])

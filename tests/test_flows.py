@@ -163,8 +163,8 @@ def _wait_for_checkpoint(process: subprocess.Popen, work: Path, timeout: float =
 
 def test_run_killed_during_training_resumes_without_mining_again(prefect_api: str, learnable: Path,
                                                                   tmp_path: Path) -> None:
-    # 6 steps, a checkpoint after each: the kill lands while steps remain, even on a fast machine.
-    parameters = flow_parameters(learnable, tmp_path, train={"checkpoint_steps": 1, "epochs": 3})
+    # 4 steps, a checkpoint after each: the kill lands while steps remain, even on a fast machine.
+    parameters = flow_parameters(learnable, tmp_path, train={"checkpoint_steps": 1, "epochs": 2})
     config = tmp_path / "flow.yaml"
     config.write_text(yaml.safe_dump(parameters))
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(REPO)}
