@@ -132,3 +132,18 @@ def test_qlora_reranker_trains_only_lora_and_head(tiny_beir: Path, tmp_path: Pat
     assert changed and all("lora_" in n or "classifier" in n for n in changed)
     assert any("classifier" in n for n in changed)
     assert result.metadata.qlora and result.trainable / result.total < 0.03
+
+
+def test_attention_dropout_is_off_while_training_and_the_rest_untouched(tiny_beir: Path) -> None:
+    from retrieval_lora.errors import ConfigError
+    from retrieval_lora.training import _setup_model
+
+    model = _setup_model(_config(tiny_beir, tiny_beir))
+    attention = [m for m in model.modules() if type(m).__name__ == "BertSelfAttention"]
+    assert len(attention) == 6 and all(m.dropout.p == 0.0 for m in attention)
+    hidden = [m.dropout.p for m in model.modules() if type(m).__name__ == "BertSelfOutput"]
+    assert hidden and all(p == 0.1 for p in hidden)  # only the attention probabilities change
+    kept = _setup_model(_config(tiny_beir, tiny_beir, attention_dropout=-1))
+    assert all(m.dropout.p == 0.1 for m in kept.modules() if type(m).__name__ == "BertSelfAttention")
+    with pytest.raises(ConfigError, match="attention_dropout"):
+        _config(tiny_beir, tiny_beir, attention_dropout=1.5)
