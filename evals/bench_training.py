@@ -42,6 +42,11 @@ VARIANTS = ("peer-full", "peer-lora", "lora", "qlora", "reranker-lora", "reranke
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: after fork + exec, Linux starts that at the
+    parent's RSS, so a child of a 2 GB parent would never report less than 2 GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -109,6 +114,10 @@ def child(variant: str, args) -> None:
 
     from retrieval_lora.data import load_beir
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     dataset = load_beir(args.data)
     rows = load_from_disk(str(Path(args.work) / "rows"))
     out = Path(args.work) / variant
@@ -152,7 +161,10 @@ def prepare(args) -> dict:
 
 
 def _markdown(report: dict) -> str:
-    lines = [f"# Training benchmark: {report['dataset']}", "", f"Command: `{report['command']}`", "",
+    commands = list(dict.fromkeys(row.get("command", report["command"]) for row in report["variants"]))
+    lines = [f"# Training benchmark: {report['dataset']}", "",
+             "Commands (one run each; `--reuse` runs add variants trained on the same mined rows):", "",
+             *[f"    {command}" for command in commands], "",
              f"Machine: {report['machine']}. Training rows: {report['prepare']['train_rows']} "
              f"(query, positive, 1 mined negative), {report['epochs']} epoch(s), batch {report['batch_size']}. "
              f"Mining (timed apart): {report['prepare']['mining_seconds']} s.", "",
@@ -168,6 +180,9 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {row['variant']} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {m['recall@100']:.4f} | "
                      f"{row['trainable']:,} ({100 * row['trainable'] / row['total']:.2f}%) | "
                      f"{row['artifact_bytes'] / 1e6:.1f} MB | {row['peak_rss_mb'] / 1024:.2f} GB | {row['train_seconds']:.0f} s |")
+    lines += ["", "Peak RSS is the training process's own high-water mark (VmHWM), read after training; mining ran in "
+              "the parent process and is timed apart. Train time is the wall time of setup + training (no dev "
+              "evaluation). Rerankers rescore the frozen base embedder's top 100."]
     return "\n".join(lines) + "\n"
 
 
@@ -181,6 +196,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=42, help="seed for mining, sampling and training")
     parser.add_argument("--max-train-pairs", type=int, default=0, help="cap on training rows (seeded sample; 0 = all)")
     parser.add_argument("--rerank-depth", type=int, default=100, help="rerankers rescore this many first-stage documents")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the mined rows, first stage and variant results of an earlier run in --work")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per training process (0 = torch's default)")
     parser.add_argument("--work", default="runs/bench_training", help="scratch folder (not committed)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -197,17 +215,36 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.work = str(work)
     report = {"dataset": args.dataset, "command": "python " + " ".join(sys.argv), "epochs": args.epochs,
-              "batch_size": args.batch_size, "machine": f"{os.cpu_count()} CPU cores, no GPU",
-              "prepare": prepare(args), "variants": []}
-    for variant in args.variants.split(","):
+              "batch_size": args.batch_size, "machine": f"{os.cpu_count()} CPU cores, no GPU"
+              + (f", {args.threads} torch thread(s) per training process" if args.threads else ""),
+              "prepare": None, "variants": []}
+    prepared = work / "prepare.json"
+    if args.reuse and prepared.is_file():
+        report["prepare"] = json.loads(prepared.read_text())
+        print(f"reusing the mined rows and first stage in {work} (--reuse)", flush=True)
+    else:
+        report["prepare"] = prepare(args)
+        prepared.write_text(json.dumps(report["prepare"], indent=2))
+    chosen = args.variants.split(",")
+    if args.reuse:  # keep the variants measured earlier with the same rows, in the usual order
+        for variant in VARIANTS:
+            earlier = work / f"{variant}.json"
+            if variant not in chosen and earlier.is_file():
+                report["variants"].append(json.loads(earlier.read_text()))
+    for variant in chosen:
         out_file = work / f"{variant}.json"
         command = [sys.executable, __file__, "--child", variant, "--child-out", str(out_file), "--data", args.data,
                    "--work", args.work, "--base", args.base, "--epochs", str(args.epochs), "--batch-size",
-                   str(args.batch_size), "--seed", str(args.seed), "--rerank-depth", str(args.rerank_depth)]
+                   str(args.batch_size), "--seed", str(args.seed), "--rerank-depth", str(args.rerank_depth),
+                   "--threads", str(args.threads)]
         print(f"== {variant}", flush=True)
         proc = subprocess.run(command, cwd=ROOT)
         row = json.loads(out_file.read_text()) if proc.returncode == 0 else {"variant": variant, "error": f"exit {proc.returncode}"}
+        row["command"] = report["command"]
+        if proc.returncode == 0:
+            out_file.write_text(json.dumps(row))
         report["variants"].append(row)
+        report["variants"].sort(key=lambda entry: VARIANTS.index(entry["variant"]))
         results = ROOT / "evals" / "results"
         results.mkdir(parents=True, exist_ok=True)
         (results / f"training_{args.dataset}.json").write_text(json.dumps(report, indent=2) + "\n")
