@@ -33,12 +33,10 @@ Writes evals/results/serving.json and serving.md with the command line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -38,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the training children import retrieval_lora even without an install
 VARIANTS = ("peer-full", "peer-lora", "lora", "qlora", "reranker-lora", "reranker-qlora")
 
 
@@ -129,8 +130,12 @@ def child(variant: str, args) -> None:
         model, info = _train_ours(variant, rows, dataset, out, args)
     info.update(train_seconds=round(time.perf_counter() - started, 1), peak_rss_mb=round(_peak_rss_mb()),
                 rss_before_training_mb=round(rss_before))
-    model.eval()
     started = time.perf_counter()
+    if variant in ("lora", "reranker-lora"):  # same scores, ~30% faster encoding than the unmerged adapter
+        from retrieval_lora.models import merge_adapter
+
+        merge_adapter(model)
+    model.eval()
     info["metrics"] = _evaluate(variant, model, dataset, args, Path(args.work))
     info["eval_seconds"] = round(time.perf_counter() - started, 1)
     Path(args.child_out).write_text(json.dumps({"variant": variant, **info}))
@@ -215,8 +220,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.work = str(work)
     report = {"dataset": args.dataset, "command": "python " + " ".join(sys.argv), "epochs": args.epochs,
-              "batch_size": args.batch_size, "machine": f"{os.cpu_count()} CPU cores, no GPU"
-              + (f", {args.threads} torch thread(s) per training process" if args.threads else ""),
+              "batch_size": args.batch_size, "machine": f"{os.cpu_count()} CPU cores, no GPU",
               "prepare": None, "variants": []}
     prepared = work / "prepare.json"
     if args.reuse and prepared.is_file():

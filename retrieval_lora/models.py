@@ -11,6 +11,8 @@
   adapter_config.json) plus `retrieval_lora.json` (task, base, fingerprints, config, metrics).
   Loading checks that the adapter belongs to this task and this base.
 - `merge_adapter` / `save_merged`: fold the adapter into the weights for a standalone export.
+- `merged_for_inference`: fold the adapter in for a block of inference and take it out after
+  (an unmerged LoRA on every linear layer makes forward passes ~25% slower on a CPU).
 
 Not supported: merging into a 4-bit base (load the base in full precision to merge), and
 adapters other than LoRA.
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field as dc_field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -293,6 +297,30 @@ def merge_adapter(model: RetrievalModel) -> RetrievalModel:
         raise AdapterError("cannot merge into a 4-bit base; load the base without --qlora, load the adapter, then merge")
     model[0].model = inner.merge_and_unload()
     return model
+
+
+@contextmanager
+def merged_for_inference(model: RetrievalModel) -> Iterator[RetrievalModel]:
+    """Within the block, the active adapter is folded into the base weights; after it, taken out.
+
+    Outputs match the unmerged adapter (to float rounding); only the speed differs. A model
+    without an adapter, an adapter already merged, or a 4-bit base (which cannot take a merge)
+    is left as it is. Do not switch adapters or call `disable_adapter` inside the block.
+    """
+    inner = transformer_of(model)
+    quantized = getattr(getattr(inner, "config", None), "quantization_config", None) is not None
+    if not isinstance(inner, PeftModel) or quantized or _any_merged(inner):
+        yield model
+        return
+    inner.merge_adapter()
+    try:
+        yield model
+    finally:
+        inner.unmerge_adapter()
+
+
+def _any_merged(inner: PeftModel) -> bool:
+    return any(getattr(module, "merged", False) for module in inner.modules() if hasattr(module, "merged_adapters"))
 
 
 def save_merged(model: RetrievalModel, path: str | Path) -> Path:

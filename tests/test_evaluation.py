@@ -164,7 +164,9 @@ def test_reranker_baseline_is_the_better_of_first_stage_and_frozen_reranker(rera
         order = sorted(ranking, key=ranking.get, reverse=True)
         new_order = sorted(reranked[qid], key=reranked[qid].get, reverse=True)
         assert set(new_order[:6]) == set(order[:6]) and new_order[6:] == order[6:]
-    assert comparison.adapter_run == reranked
+    assert comparison.adapter_run.keys() == reranked.keys()
+    for qid, ranking in reranked.items():  # the adapter run is scored with the adapter merged: equal to rounding
+        assert comparison.adapter_run[qid] == pytest.approx(ranking, abs=1e-5)
     with pytest.raises(EvaluationError, match="first-stage run: 1 document id"):
         rerank(reranker, dataset, {"q1": {"nope": 1.0}}, k=2)
 

@@ -14,7 +14,7 @@ from peft import PeftModel
 from retrieval_lora.errors import AdapterError, ConfigError
 from retrieval_lora.models import (
     AdapterMetadata, LoraSettings, attach_lora, base_fingerprint, load_adapter, load_base, save_adapter,
-    save_merged, trainable_parameters, transformer_of,
+    merged_for_inference, save_merged, trainable_parameters, transformer_of,
 )
 
 TEXTS = ["how do I reverse a list", "def reverse(items):\n    return items[::-1]", "the weather is nice"]
@@ -95,6 +95,21 @@ def test_merged_model_matches_base_plus_adapter(task: str, base_path: str, tmp_p
     assert not isinstance(transformer_of(model), PeftModel)
     merged = load_base(task, str(tmp_path / "merged"))
     np.testing.assert_allclose(_outputs(task, merged), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["embedder", "reranker"])
+def test_merged_for_inference_gives_the_adapter_outputs_and_unmerges_after(task: str, base_path: str) -> None:
+    model = _adapted(task, base_path)
+    expected = _outputs(task, model)
+    with transformer_of(model).disable_adapter():
+        base_outputs = _outputs(task, model)
+    with merged_for_inference(model):
+        assert any(getattr(m, "merged", False) for m in transformer_of(model).modules())
+        np.testing.assert_allclose(_outputs(task, model), expected, atol=1e-5)
+    assert not any(getattr(m, "merged", False) for m in transformer_of(model).modules())
+    np.testing.assert_allclose(_outputs(task, model), expected, atol=1e-5)
+    with transformer_of(model).disable_adapter():  # the base is intact again, not left with the adapter folded in
+        np.testing.assert_allclose(_outputs(task, model), base_outputs, atol=1e-5)
 
 
 def test_adapter_for_another_task_or_base_is_rejected(base_path: str, tmp_path: Path) -> None:

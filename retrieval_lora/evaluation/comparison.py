@@ -14,7 +14,7 @@ from retrieval_lora.embedding_cache import EmbeddingCache
 from retrieval_lora.errors import ConfigError
 from retrieval_lora.evaluation.metrics import DEFAULT_METRICS, PairedComparison, compare_runs, score_run
 from retrieval_lora.evaluation.runs import Run, check_run_ids, rerank, retrieve
-from retrieval_lora.models import RetrievalModel, load_base, transformer_of
+from retrieval_lora.models import RetrievalModel, load_base, merged_for_inference, transformer_of
 
 
 @dataclass
@@ -73,7 +73,8 @@ def compare_with_base(task: str, model: RetrievalModel, dataset: RetrievalDatase
             with transformer_of(model).disable_adapter():
                 runs = {"frozen base embedder": retrieve(model, dataset, split, k=k, exclude_self=exclude_self,
                                                          cache=cache, **options)}
-        adapter_run = retrieve(model, dataset, split, k=k, exclude_self=exclude_self, cache=cache, **options)
+        with merged_for_inference(model):  # same scores, faster than the unmerged adapter
+            adapter_run = retrieve(model, dataset, split, k=k, exclude_self=exclude_self, cache=cache, **options)
     else:
         if first_stage is None:
             embedder = load_base("embedder", base)
@@ -86,7 +87,8 @@ def compare_with_base(task: str, model: RetrievalModel, dataset: RetrievalDatase
                 runs["frozen base reranker"] = rerank(model, dataset, first_stage, k=rerank_k, **options)
         if baseline_run is not None:
             runs[baseline_name] = baseline_run
-        adapter_run = rerank(model, dataset, first_stage, k=rerank_k, **options)
+        with merged_for_inference(model):
+            adapter_run = rerank(model, dataset, first_stage, k=rerank_k, **options)
     scored = {name: score_run(qrels, run, metrics) for name, run in runs.items()}
     name = max(scored, key=lambda n: scored[n][primary])  # ties keep the first (the cheaper baseline)
     texts = {qid: dataset.queries.get(qid, "") for qid in qrels}
