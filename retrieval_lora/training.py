@@ -19,9 +19,12 @@ Features
 - Attention dropout of the frozen base is 0 while training (`attention_dropout`), so PyTorch's
   fused attention kernel runs: with both defaults a batch of 32 x 256 tokens peaks at 1.4 GB
   RSS instead of 13 GB, in less time (measured table in the README, "Memory").
-- Reranker losses: `listwise` (cross-encoder MultipleNegativesRankingLoss: a softmax over the
-  positive, its `negative_*` columns and sampled in-batch negatives), `lambda` (LambdaLoss over
-  the same lists) or `bce` (pointwise binary cross-entropy over positives and negatives). The
+- Reranker losses: `cached-listwise` (default: cross-encoder MultipleNegativesRankingLoss, a
+  softmax over the positive, its `negative_*` columns and 4 sampled in-batch negatives, with
+  gradient caching over `mini_batch_size` pairs at a time), `listwise` (the same in one pass:
+  a batch of 32 rows is 192 pairs of 256 tokens, which was killed for memory at 22.5 GB RSS on
+  a 24 GB machine), `lambda` (LambdaLoss over the positive and its negatives) or `bce`
+  (pointwise binary cross-entropy over positives and negatives). The
   new scoring head is trained in full and saved inside the adapter.
 - LoRA on all linear layers of the encoder by default; QLoRA (`qlora=True`) on a frozen
   4-bit NF4 base with double quantization. Optional gradient checkpointing.
@@ -70,7 +73,7 @@ from retrieval_lora.models import (
 
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 # The first loss of each task is its default (measured choice: evals/results/training_scifact.md).
-LOSSES = {"embedder": ("cached-mnrl", "mnrl"), "reranker": ("listwise", "lambda", "bce")}
+LOSSES = {"embedder": ("cached-mnrl", "mnrl"), "reranker": ("cached-listwise", "listwise", "lambda", "bce")}
 CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 RESUME_IGNORED = {"resume", "output", "device"}
 DEV_METRIC = {"embedder": "eval_dev_cosine_ndcg@10", "reranker": "eval_dev_ndcg@10"}  # evaluator name "dev"
@@ -87,8 +90,8 @@ class TrainConfig:
     output: str = field("runs", "folder for this run's adapter, config, checkpoints and metrics (created if missing)")
     qlora: bool = field(False, "load the frozen base in 4-bit NF4 (bitsandbytes) and train LoRA on top")
     lora: LoraSettings = field(LoraSettings(), "LoRA shape: rank, alpha, dropout, target modules")
-    loss: str = field("auto", "embedder: cached-mnrl | mnrl; reranker: listwise | lambda | bce; auto = cached-mnrl / listwise")
-    mini_batch_size: int = field(4, "cached-mnrl only: rows encoded at once; bounds memory whatever --batch-size is")
+    loss: str = field("auto", "embedder: cached-mnrl | mnrl; reranker: cached-listwise | listwise | lambda | bce; auto = cached-mnrl / cached-listwise")
+    mini_batch_size: int = field(4, "cached losses only: texts per column (embedder) or (query, document) pairs (reranker) per forward pass; bounds memory whatever --batch-size is")
     gradient_checkpointing: bool = field(False, "recompute activations in the backward pass: less memory, ~30% more time")
     attention_dropout: float = field(0.0, "dropout on the frozen base's attention probabilities while training; 0 lets PyTorch's fused attention kernel run (measured: 9.1 GB instead of 13 GB and 20% less time for a batch of 32 x 256 tokens); -1 keeps the base's own")
     epochs: float = field(1.0, "passes over the training rows")
@@ -272,6 +275,8 @@ def _setup_loss(config: TrainConfig, model: RetrievalModel) -> torch.nn.Module:
         return embedder_losses.MultipleNegativesRankingLoss(model)
     if name == "cached-mnrl":
         return embedder_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size)
+    if name == "cached-listwise":
+        return reranker_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size)
     if name == "listwise":
         return reranker_losses.MultipleNegativesRankingLoss(model)
     if name == "lambda":

@@ -111,7 +111,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_beir: Path, tmp_path: P
         train_adapter(_config(tiny_beir, tmp_path, resume=True), load_beir(tiny_beir), tmp_path / "fresh")
 
 
-@pytest.mark.parametrize("loss", ["listwise", "bce", "lambda"])
+@pytest.mark.parametrize("loss", ["cached-listwise", "listwise", "bce", "lambda"])
 def test_qlora_reranker_trains_only_lora_and_head(tiny_beir: Path, tmp_path: Path, loss: str) -> None:
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(
