@@ -128,8 +128,10 @@ def child(variant: str, args) -> None:
         model, info = _train_peer(variant, rows, out, args)
     else:
         model, info = _train_ours(variant, rows, dataset, out, args)
+    import torch
+
     info.update(train_seconds=round(time.perf_counter() - started, 1), peak_rss_mb=round(_peak_rss_mb()),
-                rss_before_training_mb=round(rss_before))
+                rss_before_training_mb=round(rss_before), torch_threads=torch.get_num_threads())
     started = time.perf_counter()
     if variant in ("lora", "reranker-lora"):  # same scores, ~30% faster encoding than the unmerged adapter
         from retrieval_lora.models import merge_adapter
@@ -184,10 +186,12 @@ def _markdown(report: dict) -> str:
         m = row["metrics"]
         lines.append(f"| {row['variant']} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {m['recall@100']:.4f} | "
                      f"{row['trainable']:,} ({100 * row['trainable'] / row['total']:.2f}%) | "
-                     f"{row['artifact_bytes'] / 1e6:.1f} MB | {row['peak_rss_mb'] / 1024:.2f} GB | {row['train_seconds']:.0f} s |")
+                     f"{row['artifact_bytes'] / 1e6:.1f} MB | {row['peak_rss_mb'] / 1024:.2f} GB | {row['train_seconds']:.0f} s"
+                     + (f" ({row['torch_threads']} thread)" if row.get("torch_threads") == 1 else "") + " |")
     lines += ["", "Peak RSS is the training process's own high-water mark (VmHWM), read after training; mining ran in "
               "the parent process and is timed apart. Train time is the wall time of setup + training (no dev "
               "evaluation). Rerankers rescore the frozen base embedder's top 100."]
+    lines += [f"- {note}" for note in report.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -230,6 +234,9 @@ def main() -> int:
         report["prepare"] = prepare(args)
         prepared.write_text(json.dumps(report["prepare"], indent=2))
     chosen = args.variants.split(",")
+    earlier_report = ROOT / "evals" / "results" / f"training_{args.dataset}.json"
+    if args.reuse and earlier_report.is_file():  # notes on how earlier rows were measured stay with them
+        report["notes"] = json.loads(earlier_report.read_text()).get("notes", [])
     if args.reuse:  # keep the variants measured earlier with the same rows, in the usual order
         for variant in VARIANTS:
             earlier = work / f"{variant}.json"
