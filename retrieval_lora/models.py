@@ -293,7 +293,7 @@ def merge_adapter(model: RetrievalModel) -> RetrievalModel:
     inner = transformer_of(model)
     if not isinstance(inner, PeftModel):
         raise AdapterError("this model has no adapter to merge")
-    if getattr(inner.config, "quantization_config", None) is not None:
+    if _is_quantized(inner):
         raise AdapterError("cannot merge into a 4-bit base; load the base without --qlora, load the adapter, then merge")
     model[0].model = inner.merge_and_unload()
     return model
@@ -308,8 +308,7 @@ def merged_for_inference(model: RetrievalModel) -> Iterator[RetrievalModel]:
     is left as it is. Do not switch adapters or call `disable_adapter` inside the block.
     """
     inner = transformer_of(model)
-    quantized = getattr(getattr(inner, "config", None), "quantization_config", None) is not None
-    if not isinstance(inner, PeftModel) or quantized or _any_merged(inner):
+    if not isinstance(inner, PeftModel) or _is_quantized(inner) or _any_merged(inner):
         yield model
         return
     inner.merge_adapter()
@@ -317,6 +316,10 @@ def merged_for_inference(model: RetrievalModel) -> Iterator[RetrievalModel]:
         yield model
     finally:
         inner.unmerge_adapter()
+
+
+def _is_quantized(inner: torch.nn.Module) -> bool:
+    return getattr(getattr(inner, "config", None), "quantization_config", None) is not None
 
 
 def _any_merged(inner: PeftModel) -> bool:
