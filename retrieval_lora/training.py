@@ -19,12 +19,15 @@ Features
 - Attention dropout of the frozen base is 0 while training (`attention_dropout`), so PyTorch's
   fused attention kernel runs: with both defaults a batch of 32 x 256 tokens peaks at 1.4 GB
   RSS instead of 13 GB, in less time (measured table in the README, "Memory").
-- Reranker losses: `cached-listwise` (default: cross-encoder MultipleNegativesRankingLoss, a
+- Reranker losses: `lambda` (default: LambdaLoss ranking the positive above its mined
+  negatives, 2 pairs per row with one negative; with the default batch of 8 rows an epoch of
+  SciFact's 837 rows is 105 steps), `cached-listwise` (cross-encoder MultipleNegativesRankingLoss, a
   softmax over the positive, its `negative_*` columns and 4 sampled in-batch negatives, with
-  gradient caching over `mini_batch_size` pairs at a time), `listwise` (the same in one pass:
-  a batch of 32 rows is 192 pairs of 256 tokens, which was killed for memory at 22.5 GB RSS on
-  a 24 GB machine), `lambda` (LambdaLoss over the positive and its negatives) or `bce`
-  (pointwise binary cross-entropy over positives and negatives). The
+  gradient caching over `mini_batch_size` pairs at a time; the default when there are no mined
+  negatives), `listwise` (the same in one pass: a batch of 32 rows is 192 pairs of 256 tokens,
+  which was killed for memory at 22.5 GB RSS on a 24 GB machine) or `bce` (pointwise binary
+  cross-entropy; on SciFact its loss did not leave ln 2 in an epoch). Measured in
+  evals/results/reranker_recipes_scifact.md. The
   new scoring head is trained in full and saved inside the adapter.
 - LoRA on all linear layers of the encoder by default; QLoRA (`qlora=True`) on a frozen
   4-bit NF4 base with double quantization. Optional gradient checkpointing.
@@ -73,7 +76,8 @@ from retrieval_lora.models import (
 
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 # The first loss of each task is its default (measured choice: evals/results/training_scifact.md).
-LOSSES = {"embedder": ("cached-mnrl", "mnrl"), "reranker": ("cached-listwise", "listwise", "lambda", "bce")}
+LOSSES = {"embedder": ("cached-mnrl", "mnrl"), "reranker": ("lambda", "cached-listwise", "listwise", "bce")}
+DEFAULT_BATCH_SIZE = {"embedder": 32, "reranker": 8}
 CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 RESUME_IGNORED = {"resume", "output", "device"}
 DEV_METRIC = {"embedder": "eval_dev_cosine_ndcg@10", "reranker": "eval_dev_ndcg@10"}  # evaluator name "dev"
@@ -90,12 +94,12 @@ class TrainConfig:
     output: str = field("runs", "folder for this run's adapter, config, checkpoints and metrics (created if missing)")
     qlora: bool = field(False, "load the frozen base in 4-bit NF4 (bitsandbytes) and train LoRA on top")
     lora: LoraSettings = field(LoraSettings(), "LoRA shape: rank, alpha, dropout, target modules")
-    loss: str = field("auto", "embedder: cached-mnrl | mnrl; reranker: cached-listwise | listwise | lambda | bce; auto = cached-mnrl / cached-listwise")
+    loss: str = field("auto", "embedder: cached-mnrl | mnrl; reranker: lambda | cached-listwise | listwise | bce; auto = cached-mnrl / lambda (cached-listwise for a reranker without mined negatives)")
     mini_batch_size: int = field(4, "cached losses only: texts per column (embedder) or (query, document) pairs (reranker) per forward pass; bounds memory whatever --batch-size is")
     gradient_checkpointing: bool = field(False, "recompute activations in the backward pass: less memory, ~30% more time")
     attention_dropout: float = field(0.0, "dropout on the frozen base's attention probabilities while training; 0 lets PyTorch's fused attention kernel run (measured: 9.1 GB instead of 13 GB and 20% less time for a batch of 32 x 256 tokens); -1 keeps the base's own")
     epochs: float = field(1.0, "passes over the training rows")
-    batch_size: int = field(32, "rows per step; for the embedder also the number of in-batch negatives + 1")
+    batch_size: int = field(0, "rows per step; 0 = auto: 32 for the embedder (its in-batch negatives + 1), 8 for the reranker (more steps for its new scoring head)")
     lr: float = field(1e-3, "peak learning rate of the LoRA weights (and the reranker head)")
     warmup_ratio: float = field(0.1, "share of steps with a linear warmup from 0 to --lr")
     schedule: str = field("linear", "learning-rate decay after warmup: linear, cosine or constant_with_warmup")
@@ -126,11 +130,13 @@ class TrainConfig:
             problems.append(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
         if self.negatives < 0:
             problems.append(f"negatives={self.negatives}: must be >= 0 (0 = no mined negatives)")
-        for name in ("epochs", "batch_size", "lr", "eval_top_k", "rerank_top_k", "checkpoint_steps",
+        if self.batch_size < 0:
+            problems.append(f"batch_size={self.batch_size}: must be >= 0 (0 = auto)")
+        for name in ("epochs", "lr", "eval_top_k", "rerank_top_k", "checkpoint_steps",
                      "mini_batch_size", "dev_corpus_size"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)}: must be > 0")
-        if self.task == "embedder" and self.batch_size < 2:
+        if self.task == "embedder" and self.batch_size == 1:
             problems.append("batch_size must be >= 2 for the embedder: in-batch negatives need a second row")
         if self.attention_dropout >= 1:
             problems.append(f"attention_dropout={self.attention_dropout}: must be < 1 (or -1 to keep the base's)")
@@ -141,7 +147,17 @@ class TrainConfig:
 
     @property
     def resolved_loss(self) -> str:
-        return self.loss if self.loss != "auto" else LOSSES[self.task][0]
+        """The loss "auto" stands for: the measured default of the task; a reranker without mined
+        negatives falls back to the listwise loss, whose in-batch negatives need none."""
+        if self.loss != "auto":
+            return self.loss
+        if self.task == "reranker" and not (self.mining and self.negatives > 0):
+            return "cached-listwise"
+        return LOSSES[self.task][0]
+
+    @property
+    def resolved_batch_size(self) -> int:
+        return self.batch_size or DEFAULT_BATCH_SIZE[self.task]
 
 
 @dataclass
@@ -329,7 +345,7 @@ def _setup_dev_evaluator(config: TrainConfig, dataset: RetrievalDataset):
 def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, evaluator, workdir: Path):
     common: dict[str, Any] = dict(
         output_dir=str(workdir / "checkpoints"), num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
+        per_device_train_batch_size=config.resolved_batch_size, per_device_eval_batch_size=config.resolved_batch_size,
         learning_rate=config.lr,
         warmup_steps=config.warmup_ratio,  # transformers 5 reads a float below 1 as a share of all steps
         lr_scheduler_type=config.schedule, seed=config.seed, data_seed=config.seed, logging_steps=5,

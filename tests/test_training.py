@@ -147,3 +147,21 @@ def test_attention_dropout_is_off_while_training_and_the_rest_untouched(tiny_bei
     assert all(m.dropout.p == 0.1 for m in kept.modules() if type(m).__name__ == "BertSelfAttention")
     with pytest.raises(ConfigError, match="attention_dropout"):
         _config(tiny_beir, tiny_beir, attention_dropout=1.5)
+
+
+def test_auto_loss_and_batch_size_follow_the_task() -> None:
+    assert (TrainConfig(task="embedder").resolved_loss, TrainConfig(task="embedder").resolved_batch_size) == ("cached-mnrl", 32)
+    assert (TrainConfig(task="reranker").resolved_loss, TrainConfig(task="reranker").resolved_batch_size) == ("lambda", 8)
+    # lambda ranks a positive against its mined negatives; without them the listwise loss's in-batch negatives serve
+    assert TrainConfig(task="reranker", mining=False).resolved_loss == "cached-listwise"
+    assert TrainConfig(task="reranker", negatives=0).resolved_loss == "cached-listwise"
+    assert TrainConfig(task="reranker", loss="bce", batch_size=3).resolved_batch_size == 3
+
+
+def test_batch_size_errors_name_the_setting() -> None:
+    from retrieval_lora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size=-1"):
+        TrainConfig(task="reranker", batch_size=-1)
+    with pytest.raises(ConfigError, match="in-batch negatives need a second row"):
+        TrainConfig(task="embedder", batch_size=1)
