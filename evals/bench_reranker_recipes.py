@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 def _subset(first_stage: dict, queries: int, depth: int) -> dict:
     """The first `queries` test queries (sorted ids), each with its first-stage top `depth`."""
-    return {q: dict(sorted(first_stage[q].items(), key=lambda item: (-item[1], item[0]))[:depth])
-            for q in sorted(first_stage)[:queries]}
+    from retrieval_lora.evaluation.runs import ranked
+
+    return {q: dict(ranked(first_stage[q])[:depth]) for q in sorted(first_stage)[:queries]}
 
 
 def _markdown(rows: list[dict], dataset: str) -> str:

@@ -75,7 +75,8 @@ from retrieval_lora.models import (
 )
 
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
-# The first loss of each task is its default (measured choice: evals/results/training_scifact.md).
+# The first loss of each task is its default (measured: evals/results/training_scifact.md for the
+# embedder, evals/results/reranker_recipes_scifact.md for the reranker).
 LOSSES = {"embedder": ("cached-mnrl", "mnrl"), "reranker": ("lambda", "cached-listwise", "listwise", "bce")}
 DEFAULT_BATCH_SIZE = {"embedder": 32, "reranker": 8}
 CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")

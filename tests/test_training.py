@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import write_beir
 from retrieval_lora.data import load_beir
-from retrieval_lora.errors import TrainingError
+from retrieval_lora.errors import ConfigError, TrainingError
 from retrieval_lora.evaluation import compare_with_base
 from retrieval_lora.models import transformer_of
 from retrieval_lora.training import TrainConfig, last_complete_checkpoint, train_adapter
@@ -135,7 +135,6 @@ def test_qlora_reranker_trains_only_lora_and_head(tiny_beir: Path, tmp_path: Pat
 
 
 def test_attention_dropout_is_off_while_training_and_the_rest_untouched(tiny_beir: Path) -> None:
-    from retrieval_lora.errors import ConfigError
     from retrieval_lora.training import _setup_model
 
     model = _setup_model(_config(tiny_beir, tiny_beir))
@@ -159,8 +158,6 @@ def test_auto_loss_and_batch_size_follow_the_task() -> None:
 
 
 def test_batch_size_errors_name_the_setting() -> None:
-    from retrieval_lora.errors import ConfigError
-
     with pytest.raises(ConfigError, match="batch_size=-1"):
         TrainConfig(task="reranker", batch_size=-1)
     with pytest.raises(ConfigError, match="in-batch negatives need a second row"):
