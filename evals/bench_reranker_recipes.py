@@ -8,8 +8,11 @@ and number of steps get there is a question of measurement; a full benchmark row
 documents) a few minutes of scoring, so recipes are compared here first.
 
 Needs the rows and first stage of `evals/bench_training.py` for the dataset (run it first, or
-any `--reuse` run of it). Each probe appends one row to
-evals/results/reranker_recipes_<dataset>.json and rewrites the .md table next to it.
+any `--reuse` run of it). Its rows carry one mined negative (the embedders' recipe); `--negatives N`
+mines the same training split again with N per row (the mining default is 4), once per N, kept
+next to them as rows-neg<N> (bench_training's --reranker-negatives reads the same folder). Each
+probe appends one row to evals/results/reranker_recipes_<dataset>.json and rewrites the .md table
+next to it.
 
 Usage:
   python evals/bench_reranker_recipes.py --name lambda-b8-e2 --loss lambda --batch-size 8 --epochs 2
@@ -28,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "evals"))  # bench_training: the rows it mines
 
 
 def _subset(first_stage: dict, queries: int, depth: int) -> dict:
@@ -42,12 +46,13 @@ def _markdown(rows: list[dict], dataset: str) -> str:
              "Each row: one reranker adapter (LoRA defaults, all-MiniLM-L6-v2 base with a new scoring head) trained "
              "on the training benchmark's mined rows, rescoring a subset of the test queries' first-stage "
              "top documents. 'first stage' is the frozen base embedder's ranking of the same subset.", "",
-             "| probe | loss | batch | epochs | lr | queries x depth | first stage nDCG@10 | reranked nDCG@10 | "
-             "reranked MRR@10 | train time | threads | command |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| probe | loss | negatives | rows | batch | epochs | lr | queries x depth | first stage nDCG@10 | "
+             "reranked nDCG@10 | reranked MRR@10 | train time | threads | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         a = row["settings"]
-        lines.append(f"| {row['name']} | {a['loss']} | {a['batch_size']} | {a['epochs']:g} | {a['lr']:g} | "
+        lines.append(f"| {row['name']} | {a['loss']} | {a['negatives']} | {a['rows']} | {a['batch_size']} | "
+                     f"{a['epochs']:g} | {a['lr']:g} | "
                      f"{a['queries']} x {a['depth']} | {row['first_stage']['ndcg@10']:.4f} | "
                      f"{row['reranked']['ndcg@10']:.4f} | {row['reranked']['mrr@10']:.4f} | "
                      f"{row['train_seconds']:.0f} s | {a['threads']} | `{row['command']}` |")
@@ -64,6 +69,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=0, help="rows per step (0 = the library's reranker default)")
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training rows")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of LoRA and head")
+    parser.add_argument("--negatives", type=int, default=1,
+                        help="mined negatives per row (1 = the training benchmark's rows; more mines them again)")
     parser.add_argument("--queries", type=int, default=100, help="test queries to rescore (the first ids in order)")
     parser.add_argument("--depth", type=int, default=30, help="first-stage documents rescored per query")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -71,8 +78,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-    from datasets import load_from_disk
-
+    from bench_training import reranker_rows
     from retrieval_lora.data import load_beir
     from retrieval_lora.evaluation import rerank, score_run
     from retrieval_lora.models import merged_for_inference
@@ -90,15 +96,17 @@ def main() -> int:
     out = work / "recipes" / args.name
     config = TrainConfig(task="reranker", loss=args.loss, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                          dev_split="", output=str(out), checkpoint_steps=10_000)
+    train_rows = reranker_rows(work, dataset, args.negatives, seed=42, cap=0)
     started = time.perf_counter()
-    result = train_adapter(config, dataset, out, rows=load_from_disk(str(work / "rows")))
+    result = train_adapter(config, dataset, out, rows=train_rows)
     train_seconds = time.perf_counter() - started
     with merged_for_inference(result.model):
         run = rerank(result.model, dataset, subset, k=args.depth, batch_size=64)
     losses = [entry["loss"] for entry in result.history if "loss" in entry]
     row = {"name": args.name, "command": "python " + " ".join(sys.argv),
            "settings": {"loss": config.resolved_loss, "batch_size": config.resolved_batch_size, "epochs": args.epochs,
-                        "lr": args.lr, "queries": len(subset), "depth": args.depth, "threads": torch.get_num_threads()},
+                        "lr": args.lr, "negatives": args.negatives, "rows": len(train_rows), "queries": len(subset),
+                        "depth": args.depth, "threads": torch.get_num_threads()},
            "first_stage": score_run(qrels, subset, ("ndcg@10", "mrr@10")),
            "reranked": score_run(qrels, run, ("ndcg@10", "mrr@10")),
            "train_seconds": round(train_seconds, 1), "training_loss_first_last": [losses[:3], losses[-3:]]}

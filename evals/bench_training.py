@@ -16,7 +16,8 @@ Variants:
   qlora           ours with --qlora (4-bit NF4 base)
   reranker-lora   ours, cross-encoder on the same rows (--reranker-loss / --reranker-batch-size /
                   --reranker-epochs: its new scoring head needs more steps than one epoch at
-                  batch 32 gives; the table names the settings when they differ)
+                  batch 32 gives; --reranker-negatives: the same queries and positives mined with
+                  more negatives per row; the table names the settings when they differ)
   reranker-qlora  ours, cross-encoder, 4-bit base
 
 Usage:
@@ -102,7 +103,8 @@ def _train_ours(variant: str, rows, dataset, out: Path, args) -> tuple[object, d
     return result.model, {"trainable": result.trainable, "total": result.total,
                           "artifact_bytes": (result.adapter_dir / "adapter_model.safetensors").stat().st_size,
                           "settings": {"loss": config.resolved_loss, "batch_size": config.resolved_batch_size,
-                                       "epochs": config.epochs}}
+                                       "epochs": config.epochs, "rows": len(rows),
+                                       "negatives": max(args.reranker_negatives, 1) if reranker else 1}}
 
 
 def _evaluate(variant: str, model, dataset, args, work: Path) -> dict:
@@ -129,7 +131,10 @@ def child(variant: str, args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = load_beir(args.data)
-    rows = load_from_disk(str(Path(args.work) / "rows"))
+    if variant.startswith("reranker"):
+        rows = reranker_rows(Path(args.work), dataset, args.reranker_negatives, args.seed, args.max_train_pairs)
+    else:
+        rows = load_from_disk(str(Path(args.work) / "rows"))
     out = Path(args.work) / variant
     rss_before = _peak_rss_mb()
     started = time.perf_counter()
@@ -147,21 +152,43 @@ def child(variant: str, args) -> None:
     Path(args.child_out).write_text(json.dumps({"variant": variant, **info}))
 
 
+def mine_rows(base, dataset, negatives: int, seed: int, cap: int):
+    """Mine the training split with `negatives` per row; the seeded shuffle and cap every variant shares."""
+    from retrieval_lora.mining import MiningConfig, mine_hard_negatives
+
+    result = mine_hard_negatives(base, dataset, "train", MiningConfig(negatives=negatives, seed=seed))
+    rows = result.training_rows().shuffle(seed=seed)
+    if cap and len(rows) > cap:
+        rows = rows.select(range(cap))
+    return result, rows
+
+
+def reranker_rows(work: Path, dataset, negatives: int, seed: int, cap: int):
+    """The shared rows (1 negative), or the same split mined with `negatives` per row (kept as rows-neg<N>[-cap<C>])."""
+    from datasets import load_from_disk
+
+    if negatives <= 1:
+        return load_from_disk(str(work / "rows"))
+    path = work / (f"rows-neg{negatives}" + (f"-cap{cap}" if cap else ""))
+    if not path.is_dir():
+        from retrieval_lora.models import load_base
+
+        _, rows = mine_rows(load_base("embedder"), dataset, negatives, seed, cap)
+        rows.save_to_disk(str(path))
+    return load_from_disk(str(path))
+
+
 def prepare(args) -> dict:
     """Mine the shared training rows and the reranker's first stage once, timed apart."""
     from retrieval_lora.data import load_beir
     from retrieval_lora.evaluation import retrieve, score_run
-    from retrieval_lora.mining import MiningConfig, mine_hard_negatives
     from retrieval_lora.models import load_base
 
     work = Path(args.work)
     dataset = load_beir(args.data)
     base = load_base("embedder", args.base)
     started = time.perf_counter()
-    result = mine_hard_negatives(base, dataset, "train", MiningConfig(negatives=1, seed=args.seed))
-    rows = result.training_rows().shuffle(seed=args.seed)
-    if args.max_train_pairs and len(rows) > args.max_train_pairs:
-        rows = rows.select(range(args.max_train_pairs))
+    result, rows = mine_rows(base, dataset, 1, args.seed, args.max_train_pairs)
     rows.save_to_disk(str(work / "rows"))
     mining_seconds = time.perf_counter() - started
     first_stage = retrieve(base, dataset, "test", k=100)
@@ -189,8 +216,12 @@ def _markdown(report: dict) -> str:
             continue
         m = row["metrics"]
         settings = row.get("settings")
-        if settings and (settings["epochs"] != report["epochs"] or settings["batch_size"] != report["batch_size"]):
-            name = f"{row['variant']} ({settings['loss']}, batch {settings['batch_size']}, {settings['epochs']:g} epochs)"
+        if settings and (settings["epochs"] != report["epochs"] or settings["batch_size"] != report["batch_size"]
+                         or settings.get("negatives", 1) != 1):
+            negatives = settings.get("negatives", 1)
+            mined = f", {negatives} negatives x {settings['rows']} rows" if negatives != 1 else ""
+            name = (f"{row['variant']} ({settings['loss']}, batch {settings['batch_size']}, {settings['epochs']:g} epochs"
+                    f"{mined})")
         else:
             name = row["variant"]
         lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {m['recall@100']:.4f} | "
@@ -224,6 +255,9 @@ def main() -> int:
                         help="reranker variants: batch size (0 = the library's reranker default)")
     parser.add_argument("--reranker-epochs", type=float, default=0,
                         help="reranker variants: epochs (0 = --epochs); a fresh scoring head needs more steps")
+    parser.add_argument("--reranker-negatives", type=int, default=1,
+                        help="reranker variants: mined negatives per row (1 = the shared rows; more mines the same "
+                             "training split again, same seed and cap, kept in --work as rows-neg<N>)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the results table from the variant results already in --work, train nothing")
     parser.add_argument("--seed", type=int, default=42, help="seed for mining, sampling and training")
@@ -273,7 +307,8 @@ def main() -> int:
                    "--work", args.work, "--base", args.base, "--epochs", str(args.epochs), "--batch-size",
                    str(args.batch_size), "--seed", str(args.seed), "--rerank-depth", str(args.rerank_depth),
                    "--threads", str(args.threads), "--reranker-loss", args.reranker_loss,
-                   "--reranker-batch-size", str(args.reranker_batch_size), "--reranker-epochs", str(args.reranker_epochs)]
+                   "--reranker-batch-size", str(args.reranker_batch_size), "--reranker-epochs", str(args.reranker_epochs),
+                   "--reranker-negatives", str(args.reranker_negatives), "--max-train-pairs", str(args.max_train_pairs)]
         print(f"== {variant}", flush=True)
         proc = subprocess.run(command, cwd=ROOT)
         row = json.loads(out_file.read_text()) if proc.returncode == 0 else {"variant": variant, "error": f"exit {proc.returncode}"}
