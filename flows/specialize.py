@@ -47,7 +47,7 @@ from retrieval_lora.config import read_config_file
 from retrieval_lora.errors import ConfigError
 from retrieval_lora.gate import GatePolicy
 from retrieval_lora.mining import MiningConfig
-from retrieval_lora.training import RESUME_IGNORED, TrainConfig, json_ready
+from retrieval_lora.training import RESUME_IGNORED, TrainConfig, json_ready, mining_config
 
 # Settings that do not change the trained adapter: where it goes, how it is evaluated, and the
 # mining switches (the rows step applies them; their effect reaches training via the rows' fingerprint).
@@ -93,13 +93,9 @@ def _training_note(state_name: str, trained: tasks.TrainedRef) -> str:
 
 def _mining_config(train: TrainConfig, mining: MiningConfig | None, documents: int) -> MiningConfig | None:
     """The mining this run does (see the `mining` parameter)."""
-    if not train.mining or train.negatives == 0:
+    if not train.mining or train.resolved_negatives == 0:
         return None
-    if mining is not None:
-        return mining
-    # The train CLI's window (training._mine_rows): ranks 10-100, narrowed for small corpora.
-    return MiningConfig(negatives=train.negatives, rank_start=min(10, max(0, documents - 20)),
-                        rank_end=min(100, documents), seed=train.seed)
+    return mining if mining is not None else mining_config(train, documents)
 
 
 def _encode_sharded(data: tasks.DataRef, train: TrainConfig, mining: MiningConfig, shards: int,
@@ -135,8 +131,8 @@ def specialize(train: TrainConfig = TrainConfig(), mining: MiningConfig | None =
         train: training and evaluation settings (`data`: BEIR folder, empty for the built-in
             demo; `output` and `resume` are managed by the flow).
         mining: full mining settings (window, margin, cache...); default: mine as the train CLI
-            does (`train.negatives` per row with `train.miner`); none when `train.mining` is
-            false or `train.negatives` is 0.
+            does (`train.negatives` per row, default 1 for an embedder and 4 for a reranker, with
+            `train.miner`); none when `train.mining` is false or `train.negatives` is 0.
         gate: the promotion policy the adapter must pass.
         name: the adapter's name in the registry.
         registry: the registry folder.

@@ -58,16 +58,17 @@ def test_end_to_end_embedder_run_writes_adapter_and_metrics(tiny_beir: Path, tmp
     assert metrics["adapter"]["ndcg@10"] >= metrics["baseline"]["ndcg@10"]
     meta = json.loads((run_dir / "adapter" / "retrieval_lora.json").read_text())
     assert meta["task"] == "embedder" and meta["config"]["lora"]["rank"] == 4 and meta["dataset_fingerprint"]
-    assert "negatives: 1" in (run_dir / "config.yaml").read_text()
+    assert "Mined 1 negative(s)" in printed  # the embedder's default; its batch adds in-batch negatives
     model = load_base("embedder", base_path)
     load_adapter(model, run_dir / "adapter", "embedder")
 
 
 @pytest.mark.slow
-def test_end_to_end_reranker_run(tiny_beir: Path, tmp_path: Path) -> None:
+def test_end_to_end_reranker_run(tiny_beir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["--task", "reranker", "--data", str(tiny_beir), "--output", str(tmp_path / "runs"),
                  "--epochs", "1", "--batch-size", "4", "--rank", "4", "--max-seq-length", "64", "--rerank-top-k", "5"])
     assert code == 0
+    assert "Mined 4 negative(s)" in capsys.readouterr().out  # the reranker's default: its loss sees no other negatives
     metrics = json.loads((tmp_path / "runs" / "reranker" / "metrics.json").read_text())
     assert metrics["baseline_name"] in ("first stage alone (no reranking)", "frozen base reranker")
     assert (tmp_path / "runs" / "reranker" / "mining" / "stats.json").is_file()  # negatives were mined

@@ -148,13 +148,15 @@ def test_attention_dropout_is_off_while_training_and_the_rest_untouched(tiny_bei
         _config(tiny_beir, tiny_beir, attention_dropout=1.5)
 
 
-def test_auto_loss_and_batch_size_follow_the_task() -> None:
+def test_auto_loss_batch_size_and_negatives_follow_the_task() -> None:
     assert (TrainConfig(task="embedder").resolved_loss, TrainConfig(task="embedder").resolved_batch_size) == ("cached-mnrl", 32)
     assert (TrainConfig(task="reranker").resolved_loss, TrainConfig(task="reranker").resolved_batch_size) == ("lambda", 8)
     # lambda ranks a positive against its mined negatives; without them the listwise loss's in-batch negatives serve
     assert TrainConfig(task="reranker", mining=False).resolved_loss == "cached-listwise"
     assert TrainConfig(task="reranker", negatives=0).resolved_loss == "cached-listwise"
     assert TrainConfig(task="reranker", loss="bce", batch_size=3).resolved_batch_size == 3
+    assert (TrainConfig(task="embedder").resolved_negatives, TrainConfig(task="reranker").resolved_negatives) == (1, 4)
+    assert TrainConfig(task="reranker", negatives=1).resolved_negatives == 1
 
 
 def test_batch_size_errors_name_the_setting() -> None:
