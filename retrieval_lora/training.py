@@ -10,8 +10,9 @@ Reads top to bottom as setup -> train -> save:
 
 Features
 - Training rows: the train split's (query, positive) pairs with `negatives` hard negatives
-  each (default 1 for an embedder, 4 for a reranker), mined from the frozen base embedder's own ranking (FAISS, ranks 10-100, margin guard
-  against unlabelled positives; see retrieval_lora.mining), or `--train-pairs` as given.
+  each (default 1 for an embedder, 4 for a reranker), mined from the frozen base embedder's
+  own ranking (FAISS, ranks 10-100, margin guard against unlabelled positives; see
+  retrieval_lora.mining), or `--train-pairs` as given.
 - Embedder losses: `cached-mnrl` (default: MultipleNegativesRankingLoss, i.e. in-batch
   negatives plus any `negative_*` columns, with gradient caching, so memory is bounded by
   `mini_batch_size` whatever the batch size) or `mnrl` (the same objective in one pass, all
