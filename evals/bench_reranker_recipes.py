@@ -78,10 +78,10 @@ def main() -> int:
     args = parser.parse_args()
 
     import torch
-    from bench_training import reranker_rows
+    from bench_training import negatives_per_row, reranker_rows
     from retrieval_lora.data import load_beir
     from retrieval_lora.evaluation import rerank, score_run
-    from retrieval_lora.models import merged_for_inference
+    from retrieval_lora.models import DEFAULT_BASE, merged_for_inference
     from retrieval_lora.training import TrainConfig, train_adapter
 
     work = Path(args.work) / args.dataset
@@ -96,7 +96,7 @@ def main() -> int:
     out = work / "recipes" / args.name
     config = TrainConfig(task="reranker", loss=args.loss, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                          dev_split="", output=str(out), checkpoint_steps=10_000)
-    train_rows = reranker_rows(work, dataset, args.negatives, seed=42, cap=0)
+    train_rows = reranker_rows(work, dataset, args.negatives, seed=42, cap=0, base=DEFAULT_BASE)
     started = time.perf_counter()
     result = train_adapter(config, dataset, out, rows=train_rows)
     train_seconds = time.perf_counter() - started
@@ -105,7 +105,7 @@ def main() -> int:
     losses = [entry["loss"] for entry in result.history if "loss" in entry]
     row = {"name": args.name, "command": "python " + " ".join(sys.argv),
            "settings": {"loss": config.resolved_loss, "batch_size": config.resolved_batch_size, "epochs": args.epochs,
-                        "lr": args.lr, "negatives": args.negatives, "rows": len(train_rows), "queries": len(subset),
+                        "lr": args.lr, "negatives": negatives_per_row(train_rows), "rows": len(train_rows), "queries": len(subset),
                         "depth": args.depth, "threads": torch.get_num_threads()},
            "first_stage": score_run(qrels, subset, ("ndcg@10", "mrr@10")),
            "reranked": score_run(qrels, run, ("ndcg@10", "mrr@10")),

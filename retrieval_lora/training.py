@@ -157,7 +157,7 @@ class TrainConfig:
         negatives falls back to the listwise loss, whose in-batch negatives need none."""
         if self.loss != "auto":
             return self.loss
-        if self.task == "reranker" and not (self.mining and self.resolved_negatives > 0):
+        if self.task == "reranker" and not self.mines_negatives:
             return "cached-listwise"
         return LOSSES[self.task][0]
 
@@ -168,6 +168,11 @@ class TrainConfig:
     @property
     def resolved_negatives(self) -> int:
         return DEFAULT_NEGATIVES[self.task] if self.negatives is None else self.negatives
+
+    @property
+    def mines_negatives(self) -> bool:
+        """Whether a run mines hard negatives for its rows (unless `train_pairs` brings the rows)."""
+        return self.mining and self.resolved_negatives > 0
 
 
 @dataclass
@@ -247,7 +252,7 @@ def _setup_rows(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path) -
     """Training rows: --train-pairs as given, else the train split with mined negatives (or none)."""
     if config.train_pairs:
         rows = load_pairs(config.train_pairs)
-    elif config.mining and config.resolved_negatives > 0:
+    elif config.mines_negatives:
         rows = _mine_rows(config, dataset, run_dir)
     else:
         rows = pairs_from_qrels(dataset, config.train_split)
