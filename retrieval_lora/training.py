@@ -372,7 +372,7 @@ def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, ev
         lr_scheduler_type=config.schedule, seed=config.seed, data_seed=config.seed, logging_steps=5,
         save_strategy="steps", save_steps=config.checkpoint_steps, report_to="none",
         use_cpu=not torch.cuda.is_available() or config.device == "cpu",
-        batch_sampler=BatchSamplers.NO_DUPLICATES, gradient_checkpointing=config.gradient_checkpointing,
+        batch_sampler=BatchSamplers.NO_DUPLICATES, activation_checkpointing=config.gradient_checkpointing,
     )
     if evaluator is not None:
         common.update(eval_strategy="steps", eval_steps=config.checkpoint_steps, load_best_model_at_end=True,
