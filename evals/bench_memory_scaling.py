@@ -17,13 +17,15 @@ quality is not measured here (see bench_training.py for that).
 Each (size, variant) trains in its own process with retrieval_lora.training on the first
 --steps x --batch-size (query, positive) pairs of the dataset's train split (in-batch
 negatives, no mining: a random base's ranking would mine nothing meaningful), with the
-library's defaults otherwise (cached MNRL, mini-batch 4, LoRA r=16 on all linear layers).
+library's defaults otherwise (cached MNRL, mini-batch 4, LoRA r=16 on all linear layers);
+variants lora, qlora and the same two with --gradient-checkpointing (lora-gc, qlora-gc).
 Recorded per process: the base's weights in memory, RSS before training, the high-water mark
-(VmHWM) while loading and preparing, and the high-water mark during training alone (VmHWM is
-reset between the two through /proc/self/clear_refs).
+(VmHWM) while loading and preparing and during training alone (VmHWM is reset between the two
+through /proc/self/clear_refs), and the peak of anonymous memory (RssAnon sampled every 20 ms)
+in the same two windows. Later runs with the same settings add to or replace earlier rows.
 
 Usage:
-  python evals/bench_memory_scaling.py                      # all sizes, lora and qlora
+  python evals/bench_memory_scaling.py                      # all sizes and variants
   python evals/bench_memory_scaling.py --sizes minilm-l6,bert-base --steps 2
   python evals/bench_memory_scaling.py --report-only        # redraw table and plot from saved rows
 Results: evals/results/memory_scaling.json, .md and .png (with the command that made them).
@@ -45,6 +47,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_training import proc_status_mb  # noqa: E402  (evals/ is on sys.path when this script runs)
+
 SIZES = {  # name: BertConfig shape (None = the packaged model itself)
     "minilm-l6": None,
     "bert-base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
@@ -55,10 +59,10 @@ RESULTS = ROOT / "evals" / "results"
 
 
 def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field} (this benchmark needs Linux)")
+    value = proc_status_mb(field)
+    if value is None:
+        raise RuntimeError(f"/proc/self/status has no {field} (this benchmark needs Linux)")
+    return value
 
 
 def _reset_peak() -> None:
@@ -78,17 +82,24 @@ class AnonPeak:
         import threading
 
         self.peak = 0.0
+        self._lock = threading.Lock()  # a sample of the old window must not land after a reset
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _sample(self) -> None:
+        with self._lock:
+            self.peak = max(self.peak, _status_mb("RssAnon"))
+
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _status_mb("RssAnon"))
+            self._sample()
 
     def reset(self) -> float:
         """The peak so far (one last sample included); start a new window."""
-        peak, self.peak = max(self.peak, _status_mb("RssAnon")), 0.0
+        self._sample()
+        with self._lock:
+            peak, self.peak = self.peak, 0.0
         return peak
 
     def stop(self) -> float:
@@ -160,10 +171,11 @@ def child(size: str, variant: str, base: str, args) -> dict:
     result = train_adapter(config, dataset, Path(args.work) / "runs" / f"{size}-{variant}", rows=rows,
                            callbacks=[Marks()])
     steps = -(-len(rows) // args.batch_size)
+    seconds = marks.pop("seconds")
     return {"size": size, "variant": variant, **marks, "peak_training_mb": round(_status_mb("VmHWM")),
             "anon_peak_training_mb": round(anon.stop()),
             "total_parameters": result.total, "trainable_parameters": result.trainable,
-            "steps": steps, "seconds_per_step": round(marks.pop("seconds") / steps, 1)}
+            "steps": steps, "seconds_per_step": round(seconds / steps, 1)}
 
 
 def _peaks(row: dict) -> tuple[float, float]:
@@ -173,7 +185,7 @@ def _peaks(row: dict) -> tuple[float, float]:
 
 
 def _markdown(report: dict) -> str:
-    commands = list(dict.fromkeys(row.get("command", report.get("command", "")) for row in report["rows"]))
+    commands = list(dict.fromkeys(row["command"] for row in report["rows"]))
     lines = ["# Memory scaling: LoRA vs QLoRA embedder training", "", "Commands (rows of later runs replace or add to "
              "those of earlier runs with the same settings):", "", *[f"    {command}" for command in commands], "",
              f"Machine: {report['machine']}. {report['dataset']} train pairs, batch {report['batch_size']} (in-batch "
@@ -219,10 +231,10 @@ def _plot(report: dict, path: Path) -> None:
 
     rows = [row for row in report["rows"] if "error" not in row]
     sizes = list(dict.fromkeys(row["size"] for row in rows))
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    width = 0.8 / len(variants)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, which, title in ((axes[0], 0, "peak RSS (VmHWM)"), (axes[1], 1, "peak anonymous memory (RssAnon)")):
-        variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
-        width = 0.8 / len(variants)
         for number, variant in enumerate(variants):
             offset = (number - (len(variants) - 1) / 2) * width
             values = [next((_peaks(r)[which] / 1024 for r in rows if r["size"] == size and r["variant"] == variant), None)

@@ -47,13 +47,20 @@ sys.path.insert(0, str(ROOT))  # the training children import retrieval_lora eve
 VARIANTS = ("peer-full", "peer-lora", "lora", "qlora", "reranker-lora", "reranker-qlora")
 
 
+def proc_status_mb(field: str) -> float | None:
+    """One kB figure of /proc/self/status (VmHWM, VmRSS, RssAnon, ...) in MB; None off Linux."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.is_file() else []:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def _peak_rss_mb() -> float:
     """This process's peak RSS (VmHWM). Not ru_maxrss: after fork + exec, Linux starts that at the
     parent's RSS, so a child of a 2 GB parent would never report less than 2 GB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = proc_status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _dir_bytes(path: Path) -> int:
