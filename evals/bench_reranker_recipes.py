@@ -71,6 +71,9 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of LoRA and head")
     parser.add_argument("--negatives", type=int, default=1,
                         help="mined negatives per row (1 = the training benchmark's rows; more mines them again)")
+    parser.add_argument("--max-train-pairs", type=int, default=0,
+                        help="with --negatives > 1: keep the first N rows of the seeded shuffle (bench_training's cap; "
+                             "0 = all)")
     parser.add_argument("--queries", type=int, default=100, help="test queries to rescore (the first ids in order)")
     parser.add_argument("--depth", type=int, default=30, help="first-stage documents rescored per query")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -96,7 +99,7 @@ def main() -> int:
     out = work / "recipes" / args.name
     config = TrainConfig(task="reranker", loss=args.loss, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
                          dev_split="", output=str(out), checkpoint_steps=10_000)
-    train_rows = reranker_rows(work, dataset, args.negatives, seed=42, cap=0, base=DEFAULT_BASE)
+    train_rows = reranker_rows(work, dataset, args.negatives, seed=42, cap=args.max_train_pairs, base=DEFAULT_BASE)
     started = time.perf_counter()
     result = train_adapter(config, dataset, out, rows=train_rows)
     train_seconds = time.perf_counter() - started
