@@ -111,7 +111,8 @@ def _train_ours(variant: str, rows, dataset, out: Path, args) -> tuple[object, d
                           "artifact_bytes": (result.adapter_dir / "adapter_model.safetensors").stat().st_size,
                           "settings": {"loss": config.resolved_loss, "batch_size": config.resolved_batch_size,
                                        "epochs": config.epochs, "rows": len(rows),
-                                       "negatives": negatives_per_row(rows)}}
+                                       "negatives": negatives_per_row(rows),
+                                       "gradient_checkpointing": config.resolved_gradient_checkpointing}}
 
 
 def _evaluate(variant: str, model, dataset, args, work: Path) -> dict:
@@ -236,6 +237,8 @@ def _markdown(report: dict) -> str:
                     f"{mined})")
         else:
             name = row["variant"]
+        if settings and settings.get("gradient_checkpointing"):
+            name += " + gradient checkpointing"
         lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {m['recall@100']:.4f} | "
                      f"{row['trainable']:,} ({100 * row['trainable'] / row['total']:.2f}%) | "
                      f"{row['artifact_bytes'] / 1e6:.1f} MB | {row['peak_rss_mb'] / 1024:.2f} GB | {row['train_seconds']:.0f} s"

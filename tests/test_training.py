@@ -132,6 +132,7 @@ def test_qlora_reranker_trains_only_lora_and_head(tiny_beir: Path, tmp_path: Pat
     assert changed and all("lora_" in n or "classifier" in n for n in changed)
     assert any("classifier" in n for n in changed)
     assert result.metadata.qlora and result.trainable / result.total < 0.03
+    assert transformer_of(result.model).is_activation_checkpointing  # QLoRA's default: LoRA still learned through it
 
 
 def test_attention_dropout_is_off_while_training_and_the_rest_untouched(tiny_beir: Path) -> None:
@@ -157,6 +158,9 @@ def test_auto_loss_batch_size_and_negatives_follow_the_task() -> None:
     assert TrainConfig(task="reranker", loss="bce", batch_size=3).resolved_batch_size == 3
     assert (TrainConfig(task="embedder").resolved_negatives, TrainConfig(task="reranker").resolved_negatives) == (1, 4)
     assert TrainConfig(task="reranker", negatives=1).resolved_negatives == 1
+    # checkpointing is QLoRA's default (without it the 4-bit base peaks above LoRA); explicit settings win
+    assert (TrainConfig().resolved_gradient_checkpointing, TrainConfig(qlora=True).resolved_gradient_checkpointing) == (False, True)
+    assert TrainConfig(qlora=True, gradient_checkpointing=False).resolved_gradient_checkpointing is False
 
 
 def test_batch_size_errors_name_the_setting() -> None:
