@@ -13,7 +13,7 @@ Variants:
                   `add_adapter` refuses peft 0.21 under transformers 5.24, so the same LoRA
                   config is attached with peft.get_peft_model, which is what add_adapter does.)
   lora            ours: retrieval_lora.training defaults
-  qlora           ours with --qlora (4-bit NF4 base)
+  qlora           ours with --qlora (4-bit NF4 base; gradient checkpointing on, its default)
   reranker-lora   ours, cross-encoder on the same rows (--reranker-loss / --reranker-batch-size /
                   --reranker-epochs: its new scoring head needs more steps than one epoch at
                   batch 32 gives; --reranker-negatives: the same queries and positives mined with

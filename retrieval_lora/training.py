@@ -40,6 +40,8 @@ Features
   position) after a crash or kill -9; the result equals an uninterrupted run.
 - The adapter folder `<run>/adapter` appears only after training finished (atomic rename), so
   an interrupted run never leaves an adapter that looks finished.
+- A run whose training loss did not fall (`LossTrend`: first vs last logged values) warns that
+  the adapter has most likely learned nothing, and records the trend in the adapter metadata.
 - Deterministic for a fixed seed on the CPU.
 
 Not supported: multi-GPU training; adapter types other than LoRA; resuming with settings that
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +196,42 @@ class TrainResult:
     history: list[dict[str, Any]]
     best_checkpoint: str | None
     resumed_from: str | None
+    loss_trend: LossTrend | None = None
+
+
+@dataclass
+class LossTrend:
+    """The training loss at the start and at the end of a run: the means of its first and last
+    `window` logged values (one every 5 steps), and whether it fell by at least `min_drop`.
+
+    A loss that does not fall means the adapter learned nothing its rows could teach: measured on
+    NFCorpus, a reranker whose loss stayed at its constant-score value scored far below the first
+    stage it reorders (evals/results/reranker_recipes_nfcorpus.md).
+    """
+
+    first: float
+    last: float
+    logged: int
+    min_drop: float = 0.05
+
+    @property
+    def fell(self) -> bool:
+        return self.last < self.first - abs(self.first) * self.min_drop
+
+    def warning(self, task: str) -> str:
+        return (f"the training loss did not fall ({self.first:.4g} at the start, {self.last:.4g} at the end, "
+                f"{self.logged} logged values): this {task} adapter has most likely learned nothing. Check that the "
+                f"labels can be read from the (query, document) texts and that the mined negatives are not unlabelled "
+                f"positives; try a lower --lr, more rows or epochs, or another --loss. The promotion gate refuses an "
+                f"adapter that does not beat its base.")
+
+
+def loss_trend(history: list[dict[str, Any]], window: int = 3) -> LossTrend | None:
+    """The trend of the logged training losses; None when fewer than 2 x `window` were logged (too short to judge)."""
+    losses = [float(entry["loss"]) for entry in history if "loss" in entry]
+    if len(losses) < 2 * window:
+        return None
+    return LossTrend(first=sum(losses[:window]) / window, last=sum(losses[-window:]) / window, logged=len(losses))
 
 
 class _AdapterCheckpoints:
@@ -416,19 +455,23 @@ def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path,
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     model.eval()
+    history = [entry for entry in trainer.state.log_history if "loss" in entry or "eval_loss" in entry
+               or any(key.startswith("eval_") for key in entry)]
+    trend = loss_trend(history)
+    if trend is not None and not trend.fell:
+        warnings.warn(trend.warning(config.task), stacklevel=2)
     trainable, total = trainable_parameters(model)
     metadata = AdapterMetadata(
         task=config.task, base_model=config.base, base_fingerprint=base_fingerprint(model),
         dataset_fingerprint=pairs_fingerprint(rows) if config.train_pairs else dataset_fingerprint(dataset),
         qlora=config.qlora, config=json_ready(config),
         metrics={"trainable_parameters": trainable, "total_parameters": total,
-                 "best_dev_metric": trainer.state.best_metric},
+                 "best_dev_metric": trainer.state.best_metric,
+                 "training_loss": dataclasses.asdict(trend) | {"fell": trend.fell} if trend else None},
     )
     adapter_dir = save_adapter(model, run_dir / "adapter", metadata)
-    history = [entry for entry in trainer.state.log_history if "loss" in entry or "eval_loss" in entry
-               or any(key.startswith("eval_") for key in entry)]
     return TrainResult(model, adapter_dir, metadata, len(rows), trainable, total, history,
-                       trainer.state.best_model_checkpoint, str(resume_from) if resume_from else None)
+                       trainer.state.best_model_checkpoint, str(resume_from) if resume_from else None, trend)
 
 
 def json_ready(config: TrainConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from retrieval_lora.data import load_beir
 from retrieval_lora.errors import ConfigError, TrainingError
 from retrieval_lora.evaluation import compare_with_base
 from retrieval_lora.models import transformer_of
-from retrieval_lora.training import TrainConfig, last_complete_checkpoint, train_adapter
+from retrieval_lora.training import TrainConfig, last_complete_checkpoint, loss_trend, train_adapter
 
 pytestmark = pytest.mark.slow
 FAST = dict(max_seq_length=48, batch_size=4, rank=4)
@@ -60,6 +60,25 @@ def test_adapter_learns_the_tiny_task_and_beats_the_base(learnable_beir: Path, t
     best = Path(result.best_checkpoint)
     saved, chosen = _weights(result.adapter_dir), _weights(best)
     assert all(torch.equal(saved[k], chosen[k]) for k in saved)  # the best checkpoint is what was saved
+
+
+def test_a_run_whose_loss_does_not_fall_warns_and_records_it(learnable_beir: Path, tmp_path: Path) -> None:
+    # lr 1e-9: the weights barely move, as when the rows teach nothing (NFCorpus's reranker); 32 steps, 6 logged losses
+    config = _config(learnable_beir, tmp_path, epochs=8, batch_size=2, lr=1e-9, dev_split="", checkpoint_steps=100,
+                     mining=False)
+    with pytest.warns(UserWarning, match="the training loss did not fall"):
+        result = train_adapter(config, load_beir(learnable_beir), tmp_path / "run")
+    recorded = result.metadata.metrics["training_loss"]
+    assert recorded["logged"] == 6 and recorded["fell"] is False and result.loss_trend == loss_trend(result.history)
+
+
+def test_loss_trend_tells_a_flat_loss_from_a_falling_one() -> None:
+    flat = [{"loss": v} for v in (2.338, 2.36, 2.315, 2.311, 2.323, 2.281, 2.322, 2.352, 2.278)]  # NFCorpus reranker's log
+    falling = [{"loss": v} for v in (4.05, 4.0, 3.9, 3.5, 3.1, 2.8)]
+    assert not loss_trend(flat).fell and loss_trend(falling).fell
+    assert loss_trend(falling[:5]) is None  # too few logged values to judge
+    assert loss_trend([{"eval_loss": 1.0}] * 6) is None
+    assert "did not fall (2.338 at the start, 2.317 at the end" in loss_trend(flat).warning("reranker")
 
 
 def test_same_seed_gives_identical_adapters(tiny_beir: Path, tmp_path: Path) -> None:
