@@ -112,7 +112,7 @@ def _train_ours(variant: str, rows, dataset, out: Path, args) -> tuple[object, d
                           "settings": {"loss": config.resolved_loss, "batch_size": config.resolved_batch_size,
                                        "epochs": config.epochs, "rows": len(rows),
                                        "negatives": negatives_per_row(rows),
-                                       "gradient_checkpointing": config.resolved_gradient_checkpointing}}
+                                       "gradient_checkpointing": config.gradient_checkpointing}}
 
 
 def _evaluate(variant: str, model, dataset, args, work: Path) -> dict:

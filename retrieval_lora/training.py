@@ -154,6 +154,8 @@ class TrainConfig:
             problems.append(f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
         if problems:
             raise ConfigError("invalid training settings: " + "; ".join(problems))
+        if self.gradient_checkpointing is None:  # resolved here, so config.yaml, metadata and --resume see the value
+            self.gradient_checkpointing = self.qlora
 
     @property
     def resolved_loss(self) -> str:
@@ -164,10 +166,6 @@ class TrainConfig:
         if self.task == "reranker" and not self.mines_negatives:
             return "cached-listwise"
         return LOSSES[self.task][0]
-
-    @property
-    def resolved_gradient_checkpointing(self) -> bool:
-        return self.qlora if self.gradient_checkpointing is None else self.gradient_checkpointing
 
     @property
     def resolved_batch_size(self) -> int:
@@ -416,7 +414,7 @@ def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, ev
         lr_scheduler_type=config.schedule, seed=config.seed, data_seed=config.seed, logging_steps=5,
         save_strategy="steps", save_steps=config.checkpoint_steps, report_to="none",
         use_cpu=not torch.cuda.is_available() or config.device == "cpu",
-        batch_sampler=BatchSamplers.NO_DUPLICATES, activation_checkpointing=config.resolved_gradient_checkpointing,
+        batch_sampler=BatchSamplers.NO_DUPLICATES, activation_checkpointing=config.gradient_checkpointing,
     )
     if evaluator is not None:
         common.update(eval_strategy="steps", eval_steps=config.checkpoint_steps, load_best_model_at_end=True,

@@ -178,8 +178,8 @@ def test_auto_loss_batch_size_and_negatives_follow_the_task() -> None:
     assert (TrainConfig(task="embedder").resolved_negatives, TrainConfig(task="reranker").resolved_negatives) == (1, 4)
     assert TrainConfig(task="reranker", negatives=1).resolved_negatives == 1
     # checkpointing is QLoRA's default (without it the 4-bit base peaks above LoRA); explicit settings win
-    assert (TrainConfig().resolved_gradient_checkpointing, TrainConfig(qlora=True).resolved_gradient_checkpointing) == (False, True)
-    assert TrainConfig(qlora=True, gradient_checkpointing=False).resolved_gradient_checkpointing is False
+    assert (TrainConfig().gradient_checkpointing, TrainConfig(qlora=True).gradient_checkpointing) == (False, True)
+    assert TrainConfig(qlora=True, gradient_checkpointing=False).gradient_checkpointing is False
 
 
 def test_batch_size_errors_name_the_setting() -> None:
