@@ -32,12 +32,13 @@ def _add_field(parser: argparse.ArgumentParser, fld: dataclasses.Field, hints: d
     kind = _plain_type(hints[fld.name])
     default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()  # type: ignore[misc]
     help_text = fld.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
-    if kind is bool:  # a None default means "decided by other settings", which the help text explains
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                            help=help_text if default is None else f"{help_text} (default: {default})")
+    if default is not None:  # a None default ("optional", or decided by other settings) is explained by the help text
+        help_text += f" (default: {default})"
+    if kind is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     else:
         parser.add_argument(flag, type=kind, default=None, choices=choices.get(fld.name), metavar=None if fld.name in choices else kind.__name__.upper(),
-                            help=f"{help_text} (default: {default})")
+                            help=help_text)
 
 
 def build_parser(config_cls: type, description: str, *, prog: str, choices: dict[str, tuple] | None = None,

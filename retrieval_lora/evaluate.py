@@ -64,7 +64,7 @@ class EvaluateConfig:
     stat_test: str = field("student", "paired significance test: student (t-test) or fisher (randomization)")
     max_seq_length: int | None = field(None, "truncate inputs to this many tokens (default: the model's own limit)")
     batch_size: int = field(64, "texts (or pairs) encoded per batch")
-    cache_dir: str | None = field(None, "embedding cache folder: corpus embeddings of an identical model are reused")
+    cache_dir: str | None = field(None, "embedding cache folder: corpus embeddings of an identical model are reused; default: none (the corpus is encoded every time)")
     output: str = field("eval", "report folder to write (replaced as a whole)")
     worst: int = field(10, "number of worst-regressed queries listed in the report")
     save_runs: bool = field(True, "write the runs as TREC files under <output>/runs")

@@ -453,8 +453,8 @@ def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path,
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     model.eval()
-    history = [entry for entry in trainer.state.log_history if "loss" in entry or "eval_loss" in entry
-               or any(key.startswith("eval_") for key in entry)]
+    history = [entry for entry in trainer.state.log_history
+               if "loss" in entry or any(key.startswith("eval_") for key in entry)]
     trend = loss_trend(history)
     if trend is not None and not trend.fell:
         warnings.warn(trend.warning(config.task), stacklevel=2)
