@@ -155,7 +155,7 @@ def child(variant: str, args) -> None:
                 rss_before_training_mb=round(rss_before), torch_threads=torch.get_num_threads())
     started = time.perf_counter()
     model.eval()
-    with merged_for_inference(model):  # our LoRA variants score merged (faster); 4-bit and peer models as they are
+    with merged_for_inference(model):  # ours score merged (4-bit bases: dequantized copies), peers as they are
         info["metrics"] = _evaluate(variant, model, dataset, args, Path(args.work))
     info["eval_seconds"] = round(time.perf_counter() - started, 1)
     Path(args.child_out).write_text(json.dumps({"variant": variant, **info}))

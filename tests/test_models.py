@@ -111,6 +111,29 @@ def test_merged_for_inference_gives_the_adapter_outputs_and_unmerges_after(task:
         np.testing.assert_allclose(_outputs(task, model), base_outputs, atol=1e-5)
 
 
+@pytest.mark.parametrize("task", ["embedder", "reranker"])
+def test_merged_for_inference_on_a_4bit_base_scores_like_the_unmerged_adapter(task: str, base_path: str) -> None:
+    import bitsandbytes as bnb
+
+    transformers.set_seed(0)
+    model = load_base(task, base_path, qlora=True)
+    attach_lora(model, task, LoraSettings())
+    _perturb_lora(model)
+    model.eval()
+    expected = _outputs(task, model)
+    with transformer_of(model).disable_adapter():
+        base_outputs = _outputs(task, model)
+    assert np.abs(expected - base_outputs).max() > 1e-3  # the adapter changes the outputs
+    with merged_for_inference(model):
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in transformer_of(model).modules())
+        np.testing.assert_allclose(_outputs(task, model), expected, atol=1e-5)
+    layers = [m for m in transformer_of(model).modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) >= 36 and all(layer.weight.dtype == torch.uint8 for layer in layers)  # 4-bit again after
+    np.testing.assert_allclose(_outputs(task, model), expected, atol=1e-6)
+    with transformer_of(model).disable_adapter():
+        np.testing.assert_allclose(_outputs(task, model), base_outputs, atol=1e-6)
+
+
 def test_adapter_for_another_task_or_base_is_rejected(base_path: str, tmp_path: Path) -> None:
     model = _adapted("embedder", base_path)
     save_adapter(model, tmp_path / "adapter", _metadata("embedder", model))
