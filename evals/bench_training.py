@@ -98,6 +98,7 @@ def _train_peer(variant: str, rows, out: Path, args) -> tuple[object, dict]:
 
 
 def _train_ours(variant: str, rows, dataset, out: Path, args) -> tuple[object, dict]:
+    from retrieval_lora.models import LoraSettings
     from retrieval_lora.training import TrainConfig, train_adapter
 
     reranker = variant.startswith("reranker")
@@ -105,14 +106,16 @@ def _train_ours(variant: str, rows, dataset, out: Path, args) -> tuple[object, d
                          epochs=args.reranker_epochs or args.epochs if reranker else args.epochs,
                          batch_size=args.reranker_batch_size if reranker else args.batch_size,
                          loss=args.reranker_loss if reranker else "auto",
-                         seed=args.seed, dev_split="", output=str(out), checkpoint_steps=10_000)
+                         seed=args.seed, dev_split="", output=str(out), checkpoint_steps=10_000,
+                         lora=LoraSettings() if args.lora_dropout is None else LoraSettings(dropout=args.lora_dropout))
     result = train_adapter(config, dataset, out, rows=rows)
     return result.model, {"trainable": result.trainable, "total": result.total,
                           "artifact_bytes": (result.adapter_dir / "adapter_model.safetensors").stat().st_size,
                           "settings": {"loss": config.resolved_loss, "batch_size": config.resolved_batch_size,
                                        "epochs": config.epochs, "rows": len(rows),
                                        "negatives": negatives_per_row(rows),
-                                       "gradient_checkpointing": config.gradient_checkpointing}}
+                                       "gradient_checkpointing": config.gradient_checkpointing,
+                                       "lora_dropout": config.lora.dropout}}
 
 
 def _evaluate(variant: str, model, dataset, args, work: Path) -> dict:
@@ -276,6 +279,8 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the results table from the variant results already in --work, train nothing")
     parser.add_argument("--seed", type=int, default=42, help="seed for mining, sampling and training")
+    parser.add_argument("--lora-dropout", type=float, default=None,
+                        help="our variants: LoRA dropout (default: the library's, 0.05)")
     parser.add_argument("--max-train-pairs", type=int, default=0, help="cap on training rows (seeded sample; 0 = all)")
     parser.add_argument("--rerank-depth", type=int, default=100, help="rerankers rescore this many first-stage documents")
     parser.add_argument("--reuse", action="store_true",
