@@ -329,6 +329,8 @@ def main() -> int:
                    "--threads", str(args.threads), "--reranker-loss", args.reranker_loss,
                    "--reranker-batch-size", str(args.reranker_batch_size), "--reranker-epochs", str(args.reranker_epochs),
                    "--reranker-negatives", str(args.reranker_negatives), "--max-train-pairs", str(args.max_train_pairs)]
+        if args.lora_dropout is not None:
+            command += ["--lora-dropout", str(args.lora_dropout)]
         print(f"== {variant}", flush=True)
         proc = subprocess.run(command, cwd=ROOT)
         row = json.loads(out_file.read_text()) if proc.returncode == 0 else {"variant": variant, "error": f"exit {proc.returncode}"}
