@@ -217,6 +217,8 @@ def prepare(args) -> dict:
 
 
 def _markdown(report: dict) -> str:
+    from retrieval_lora.models import LoraSettings
+
     commands = list(dict.fromkeys(row.get("command", report["command"]) for row in report["variants"]))
     lines = [f"# Training benchmark: {report['dataset']}", "",
              "Commands (one run each; `--reuse` runs add variants trained on the same mined rows):", "",
@@ -244,6 +246,11 @@ def _markdown(report: dict) -> str:
             name = row["variant"]
         if settings and settings.get("gradient_checkpointing"):
             name += " + gradient checkpointing"
+        if not row["variant"].startswith("peer") and settings:
+            # rows measured before the setting was recorded were trained with the then default, 0.05
+            dropout = settings.get("lora_dropout", 0.05)
+            if dropout != LoraSettings().dropout:
+                name += f", LoRA dropout {dropout:g}"
         lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['mrr@10']:.4f} | {m['recall@100']:.4f} | "
                      f"{row['trainable']:,} ({100 * row['trainable'] / row['total']:.2f}%) | "
                      f"{row['artifact_bytes'] / 1e6:.1f} MB | {row['peak_rss_mb'] / 1024:.2f} GB | {row['train_seconds']:.0f} s"
@@ -282,7 +289,7 @@ def main() -> int:
                         help="rewrite the results table from the variant results already in --work, train nothing")
     parser.add_argument("--seed", type=int, default=42, help="seed for mining, sampling and training")
     parser.add_argument("--lora-dropout", type=float, default=None,
-                        help="our variants: LoRA dropout (default: the library's, 0.05)")
+                        help="our variants: LoRA dropout (default: the library's LoraSettings default)")
     parser.add_argument("--max-train-pairs", type=int, default=0, help="cap on training rows (seeded sample; 0 = all)")
     parser.add_argument("--rerank-depth", type=int, default=100, help="rerankers rescore this many first-stage documents")
     parser.add_argument("--reuse", action="store_true",

@@ -57,7 +57,9 @@ class LoraSettings:
 
     rank: int = field(8, "LoRA rank r: the width of the low-rank update")
     alpha: int = field(16, "LoRA alpha: the update is scaled by alpha / rank")
-    dropout: float = field(0.05, "dropout on the LoRA input during training")
+    dropout: float = field(0.0, "dropout on the LoRA input during training; 0 (the default) spares peft a "
+                                "dropped-out copy of every adapted layer's input: embedder training measured 14-20% "
+                                "faster than with 0.05 at the same nDCG@10 (evals/results/training_*.md)")
     target_modules: str = field("all-linear", "comma-separated module names to adapt, or 'all-linear'")
 
     def __post_init__(self) -> None:
