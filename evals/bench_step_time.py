@@ -63,18 +63,19 @@ def child(variant: str, args) -> dict:
 
     from bench_training import _peak_rss_mb, _train_ours, _train_peer
     from retrieval_lora.data import load_beir
+    from retrieval_lora.models import LoraSettings
 
     torch.set_num_threads(args.threads)
     rows = load_from_disk(str(Path(args.work) / args.dataset / "rows"))
     rows = rows.select(range(min(len(rows), args.steps * args.batch_size)))
-    bench_args = argparse.Namespace(**vars(args), epochs=1.0,  # bench_training's settings
-                                    lora_dropout=0.05 if variant == "lora-dropout0.05" else None)
+    bench_args = argparse.Namespace(**vars(args), epochs=1.0, lora_dropout=None)  # bench_training's settings
     timer = _step_timer()
     with tempfile.TemporaryDirectory() as out:
         if variant == "peer-full":
             _train_peer(variant, rows, Path(out), bench_args, callbacks=[timer])
         else:
-            options = {"lora-mb8": dict(mini_batch_size=8), "lora-mnrl": dict(loss="mnrl")}.get(variant, {})
+            options = {"lora-dropout0.05": dict(lora=LoraSettings(dropout=0.05)),
+                       "lora-mb8": dict(mini_batch_size=8), "lora-mnrl": dict(loss="mnrl")}.get(variant, {})
             dataset = load_beir(ROOT.parent / "shared" / "datasets" / args.dataset)
             _train_ours("lora", rows, dataset, Path(out), bench_args, callbacks=[timer], **options)
     timed = timer.seconds[1:] or timer.seconds
