@@ -141,7 +141,37 @@ def load_base(task: str, base: str = DEFAULT_BASE, *, qlora: bool = False, max_s
         model.max_seq_length = max_seq_length
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if qlora:
+        keep_4bit_layout(model)
     return model
+
+
+def keep_4bit_layout(model: torch.nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer of `model` in its portable NF4 layout; returns how many.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a `Linear4bit` weight IN PLACE the first
+    time the layer runs in eval mode without grad (`packing_format_for_cpu`: another nibble order,
+    bfloat16 absmax, double quantization undone). Afterwards `dequantize_4bit` of that weight reads
+    garbage (what `merged_for_inference` and peft's merge read), and a training step that follows an
+    evaluation takes the packed path with autograd and fails. Its only inverse runs on save or on a
+    move to a GPU. We own these layers from loading to the end, so the switch is turned off per
+    layer here, so every CPU computes what a CPU without AVX512-BF16 computes (the packed layout
+    only speeds up 4-bit inference, and we score 4-bit models through `merged_for_inference`'s
+    dense copies). A layout packed before we got the model is converted back with bitsandbytes'
+    own inverse, which is close but not exact (the packing kept absmax in bfloat16).
+    """
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:  # no bitsandbytes: no 4-bit layers either
+        return 0
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+        state = layer.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+    return len(layers)
 
 
 def transformer_of(model: RetrievalModel) -> torch.nn.Module:

@@ -12,8 +12,8 @@ from peft import PeftModel
 
 from retrieval_lora.errors import AdapterError, ConfigError
 from retrieval_lora.models import (
-    AdapterMetadata, LoraSettings, attach_lora, base_fingerprint, load_adapter, load_base, save_adapter,
-    merged_for_inference, save_merged, trainable_parameters, transformer_of,
+    AdapterMetadata, LoraSettings, attach_lora, base_fingerprint, keep_4bit_layout, load_adapter, load_base,
+    save_adapter, merged_for_inference, save_merged, trainable_parameters, transformer_of,
 )
 
 TEXTS = ["how do I reverse a list", "def reverse(items):\n    return items[::-1]", "the weather is nice"]
@@ -132,6 +132,50 @@ def test_merged_for_inference_on_a_4bit_base_scores_like_the_unmerged_adapter(ta
     np.testing.assert_allclose(_outputs(task, model), expected, atol=1e-6)
     with transformer_of(model).disable_adapter():
         np.testing.assert_allclose(_outputs(task, model), base_outputs, atol=1e-6)
+
+
+def _4bit_layers(model) -> list:
+    import bitsandbytes as bnb
+
+    return [m for m in transformer_of(model).modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def _dequantized(layers: list) -> list[torch.Tensor]:
+    from bitsandbytes.functional import dequantize_4bit
+
+    return [dequantize_4bit(layer.weight.data, layer.weight.quant_state) for layer in layers]
+
+
+@pytest.mark.parametrize("cpu_has_avx512bf16", [False, True])
+def test_4bit_layers_keep_their_layout_on_every_cpu(base_path: str, monkeypatch, cpu_has_avx512bf16: bool) -> None:
+    """bitsandbytes repacks a 4-bit weight in place on CPUs with AVX512-BF16 (eval mode, no grad);
+    the CPU flag is forced both ways, so the suite reaches that path whatever CPU it runs on."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: cpu_has_avx512bf16)
+    model = load_base("embedder", base_path, qlora=True)
+    layers = _4bit_layers(model)
+    before = _dequantized(layers)
+    model.eval()
+    model.encode(TEXTS)  # eval mode without grad: where bitsandbytes would repack
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+    for expected, now in zip(before, _dequantized(layers)):
+        torch.testing.assert_close(now, expected)
+
+
+def test_a_4bit_layout_packed_for_the_cpu_is_converted_back(base_path: str) -> None:
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    model = load_base("embedder", base_path, qlora=True)
+    layers = _4bit_layers(model)
+    before = _dequantized(layers)
+    for layer in layers:  # what bitsandbytes' forward does on an AVX512-BF16 CPU (a plain tensor conversion)
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                    layer.weight.quant_state)
+    assert keep_4bit_layout(model) == len(layers) >= 36
+    assert not any(layer.weight.quant_state.packing_format_for_cpu for layer in layers)
+    for expected, now in zip(before, _dequantized(layers)):  # packing stored absmax in bfloat16: ~0.4% off
+        torch.testing.assert_close(now, expected, rtol=1e-2, atol=2e-3)
 
 
 def test_adapter_for_another_task_or_base_is_rejected(base_path: str, tmp_path: Path) -> None:
