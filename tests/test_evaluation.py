@@ -77,7 +77,7 @@ def test_compare_runs_counts_wins_losses_ties_and_worst_regressions() -> None:
 
 def test_trec_runs_round_trip_and_bad_files_name_the_line(tmp_path: Path, tiny_beir: Path) -> None:
     path = write_trec_run(TOY_RUN, tmp_path / "run.trec")
-    assert path.read_text().splitlines()[0] == "q1 Q0 d5 1 0.900000 retrieval-lora"
+    assert path.read_text().splitlines()[0] == "q1 Q0 d5 1 0.9 retrieval-lora"
     assert read_trec_run(path) == TOY_RUN
     bad = tmp_path / "bad.trec"
     bad.write_text("q1 Q0 d1 1 0.5 tag\nq1 d2 0.4\n")
@@ -90,6 +90,17 @@ def test_trec_runs_round_trip_and_bad_files_name_the_line(tmp_path: Path, tiny_b
         read_trec_run(foreign, dataset)
     with pytest.raises(EvaluationError, match="does not exist"):
         read_trec_run(tmp_path / "missing.trec")
+
+
+def test_ties_and_near_ties_score_the_same_in_memory_and_from_the_saved_run(tmp_path: Path) -> None:
+    # d1 (relevant) ties with d0 and d2; d4 (relevant) trails d3 by less than the old 6-decimal rounding
+    run = {"q1": {"d1": 0.5, "d0": 0.5, "d2": 0.5}, "q2": {"d3": 0.70000004, "d4": 0.70000001, "d5": 0.1}}
+    qrels = {"q1": {"d1": 1}, "q2": {"d4": 1}}
+    in_memory = score_run(qrels, run)
+    assert in_memory["mrr@10"] == pytest.approx((1 / 2 + 1 / 2) / 2)  # d1 second: ties broken by id
+    reordered = {"q1": dict(reversed(run["q1"].items())), "q2": dict(reversed(run["q2"].items()))}
+    assert score_run(qrels, reordered) == in_memory
+    assert score_run(qrels, read_trec_run(write_trec_run(run, tmp_path / "run.trec"))) == in_memory
 
 
 # ---- with the real model ------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ranx.meta.evaluate import extract_metric_and_params, metric_switch
 
 from retrieval_lora.data.beir import Qrels
 from retrieval_lora.errors import ConfigError, EvaluationError
-from retrieval_lora.evaluation.runs import Run
+from retrieval_lora.evaluation.runs import Run, ranked
 
 DEFAULT_METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 STAT_TESTS = ("student", "fisher")  # ranx's paired tests (lowercase names; "tukey" is not paired)
@@ -34,8 +34,19 @@ def _ranx_pair(qrels: Qrels, run: Run, name: str = "run") -> tuple[RanxQrels, Ra
     if unknown:
         raise EvaluationError(f"the run has {len(unknown)} query id(s) not in the qrels (e.g. {unknown[0]!r}); "
                               "evaluate it against the split it was made for")
-    full_run = {query_id: run.get(query_id) or {_EMPTY: 0.0} for query_id in qrels}
+    full_run = {query_id: _rank_scores(run.get(query_id) or {_EMPTY: 0.0}) for query_id in qrels}
     return RanxQrels(qrels), RanxRun(full_run, name=name)
+
+
+def _rank_scores(ranking: dict[str, float]) -> dict[str, float]:
+    """The ranking with its scores replaced by descending rank values, in `ranked` order.
+
+    Every metric we compute depends on the order alone; ranx sorts scores with an unstable sort,
+    so documents with equal scores (identical texts) would be ordered differently for the same
+    run held in memory and read back from its TREC file. Ranks break ties by document id, the
+    one order every caller (and the saved run) uses.
+    """
+    return {doc_id: float(len(ranking) - position) for position, (doc_id, _) in enumerate(ranked(ranking))}
 
 
 def check_metrics(metrics: tuple[str, ...] | list[str]) -> list[str]:

@@ -41,8 +41,12 @@ def read_trec_run(path: str | Path, dataset: RetrievalDataset | None = None) -> 
 
 
 def write_trec_run(run: Run, path: str | Path, tag: str = "retrieval-lora") -> Path:
-    """Write `run` as a TREC run file (best first per query), atomically."""
-    lines = [f"{query_id} Q0 {doc_id} {rank} {score:.6f} {tag}"
+    """Write `run` as a TREC run file (best first per query), atomically.
+
+    Scores are written in full (shortest round-trip form): rounded ones could tie or swap two
+    documents, and the file would no longer reproduce the metrics computed from `run`.
+    """
+    lines = [f"{query_id} Q0 {doc_id} {rank} {float(score)!r} {tag}"
              for query_id in sorted(run) for rank, (doc_id, score) in enumerate(ranked(run[query_id]), start=1)]
     write_text_atomic(Path(path), "\n".join(lines) + "\n")
     return Path(path)
