@@ -2,23 +2,27 @@
 
 Layout: `corpus.jsonl` (`_id`, `title`, `text`), `queries.jsonl` (`_id`, `text`) and
 `qrels/<split>.tsv` with the header `query-id<TAB>corpus-id<TAB>score` (score > 0 = relevant).
+LF and CRLF line endings both work, as does a UTF-8 byte-order mark.
 
-Every problem found is reported with its file and line, all at once (up to a cap), in one
-`DataError`; nothing half-loaded is ever returned.
+What is wrong is reported with its file and line. Malformed lines are problems, all reported
+at once (up to a cap) in one `DataError`; nothing half-loaded is ever returned. What a
+published dataset really contains and a careful user can live with loads, with one
+`DataWarning` per file: qrels rows naming an unknown query or document are dropped and
+counted (`RetrievalDataset.dropped_judgements`; `strict=True` makes them errors again), and
+documents with an empty title and text are kept (see `load_corpus`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from retrieval_lora.data.lines import Problems, read_jsonl, warn_places
+from retrieval_lora.data.qrels import DroppedJudgements, Qrels, load_qrels
 from retrieval_lora.errors import DataError
 
-MAX_REPORTED_PROBLEMS = 20
-
-Qrels = dict[str, dict[str, int]]
-"""query id -> {document id -> relevance grade}: the shape ranx and pytrec_eval use."""
+__all__ = ["Document", "DroppedJudgements", "Qrels", "RetrievalDataset", "load_beir", "load_corpus",
+           "load_queries"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class RetrievalDataset:
     corpus: dict[str, Document]
     queries: dict[str, str]
     qrels: dict[str, Qrels] = field(default_factory=dict)
+    dropped_judgements: dict[str, DroppedJudgements] = field(default_factory=dict)
+    """split -> qrels rows `load_beir` dropped for naming an unknown id (one entry per split it loaded)."""
 
     @property
     def name(self) -> str:
@@ -64,48 +70,16 @@ class RetrievalDataset:
         qrels = self.split_qrels(split)
         return {qid: self.queries[qid] for qid in sorted(qrels) if any(g > 0 for g in qrels[qid].values())}
 
+    def split_dropped(self, split: str) -> DroppedJudgements:
+        """What was dropped from `split` at load time; all zeros if nothing was (or the dataset was built in code).
 
-class _Problems:
-    """Collects file:line problems so that all of them are reported in one error."""
-
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, where: str, message: str) -> None:
-        self.items.append(f"{where}: {message}")
-
-    def raise_if_any(self, what: str) -> None:
-        if not self.items:
-            return
-        shown = self.items[:MAX_REPORTED_PROBLEMS]
-        more = len(self.items) - len(shown)
-        tail = f"\n  ... and {more} more" if more else ""
-        raise DataError(f"{what}: {len(self.items)} problem(s) found; fix them and load again:\n  "
-                        + "\n  ".join(shown) + tail)
+        Raises DataError naming the available splits if `split` is missing.
+        """
+        self.split_qrels(split)
+        return self.dropped_judgements.get(split, DroppedJudgements())
 
 
-def read_jsonl(path: Path, problems: _Problems) -> list[tuple[int, dict]]:
-    """Parse a JSONL file into (line number, object) pairs; bad lines go to `problems`."""
-    if not path.is_file():
-        raise DataError(f"{path} not found; a BEIR folder needs corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problems.add(f"{path}:{lineno}", f"not valid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(obj, dict):
-                problems.add(f"{path}:{lineno}", "each line must be a JSON object")
-                continue
-            rows.append((lineno, obj))
-    return rows
-
-
-def _string_field(obj: dict, name: str, where: str, problems: _Problems, required: bool = True) -> str | None:
+def _string_field(obj: dict, name: str, where: str, problems: Problems, required: bool = True) -> str | None:
     value = obj.get(name)
     if value is None:
         if required:
@@ -117,35 +91,65 @@ def _string_field(obj: dict, name: str, where: str, problems: _Problems, require
     return str(value)
 
 
+def _document(obj: dict, where: str, problems: Problems) -> tuple[str, Document] | None:
+    """(id, document) from one corpus line; None (with the reason in `problems`) if malformed."""
+    doc_id = _string_field(obj, "_id", where, problems)
+    text = _string_field(obj, "text", where, problems)
+    title = _string_field(obj, "title", where, problems, required=False)
+    if doc_id is None or text is None or title is None:
+        return None
+    return doc_id, Document(title=title, text=text)
+
+
 def load_corpus(path: Path) -> dict[str, Document]:
-    """Load `corpus.jsonl`. Each line needs `_id` and a non-empty `title` or `text`."""
-    problems = _Problems()
+    """Load `corpus.jsonl`: id -> Document. Each line needs `_id` and `text` (may be ""); `title` is optional.
+
+    A document whose title and text are both empty (or blank) is KEPT and models see it as
+    "": published corpora contain such entries, qrels may judge them, and dropping them would
+    silently change what the retriever searches. They are reported in one DataWarning.
+
+    Raises:
+        DataError: missing file, bad JSON, a missing or non-string field, a duplicate id, or no
+            document at all; every problem as `file:line: ...`.
+    """
+    problems = Problems()
     corpus: dict[str, Document] = {}
     first_line: dict[str, int] = {}
+    empty: list[str] = []
     for lineno, obj in read_jsonl(path, problems):
         where = f"{path}:{lineno}"
-        doc_id = _string_field(obj, "_id", where, problems)
-        text = _string_field(obj, "text", where, problems)
-        title = _string_field(obj, "title", where, problems, required=False)
-        if doc_id is None or text is None or title is None:
+        parsed = _document(obj, where, problems)
+        if parsed is None:
             continue
+        doc_id, document = parsed
         if doc_id in corpus:
             problems.add(where, f"duplicate document id {doc_id!r} (first on line {first_line[doc_id]})")
             continue
-        if not (title.strip() or text.strip()):
-            problems.add(where, f"document {doc_id!r} has an empty title and text; remove it or add its text")
-            continue
-        corpus[doc_id] = Document(title=title, text=text)
+        if not document.full_text:
+            empty.append(f"{where} {doc_id!r}")
+        corpus[doc_id] = document
         first_line[doc_id] = lineno
     if not corpus and not problems.items:
         problems.add(str(path), "the corpus is empty; add at least one document")
     problems.raise_if_any(f"corpus {path}")
+    warn_places(path, f"{len(empty)} document(s) have an empty title and text", empty,
+                "they are kept and encoded as empty text; add their text or remove them (and their qrels)")
     return corpus
 
 
 def load_queries(path: Path) -> dict[str, str]:
-    """Load `queries.jsonl`. Each line needs `_id` and a non-empty `text`."""
-    problems = _Problems()
+    """Load `queries.jsonl`: id -> text. Each line needs `_id` and a non-empty `text`.
+
+    An empty (or blank) query is an error, not a warning, even outside strict mode: it would
+    either be scored (every retriever answers "" arbitrarily, which skews the metrics) or have
+    to be dropped with its judgements (which silently changes the evaluation set). Only the
+    user can say which is right, so the loader names its file:line and stops.
+
+    Raises:
+        DataError: missing file, bad JSON, a missing or non-string field, a duplicate id, or an
+            empty text; every problem as `file:line: ...`.
+    """
+    problems = Problems()
     queries: dict[str, str] = {}
     first_line: dict[str, int] = {}
     for lineno, obj in read_jsonl(path, problems):
@@ -166,42 +170,17 @@ def load_queries(path: Path) -> dict[str, str]:
     return queries
 
 
-def load_qrels(path: Path, queries: dict[str, str], corpus: dict[str, Document]) -> Qrels:
-    """Load one `qrels/<split>.tsv`, checking every id against the queries and the corpus."""
-    problems = _Problems()
-    qrels: Qrels = {}
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            parts = line.rstrip("\n").split("\t")
-            where = f"{path}:{lineno}"
-            if lineno == 1 and parts[0] in ("query-id", "query_id", "qid"):
-                continue
-            if not line.strip():
-                continue
-            if len(parts) != 3:
-                problems.add(where, f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(parts)}")
-                continue
-            query_id, doc_id, score = parts
-            try:
-                grade = int(float(score))
-            except ValueError:
-                problems.add(where, f"score {score!r} is not a number")
-                continue
-            if query_id not in queries:
-                problems.add(where, f"query id {query_id!r} is not in queries.jsonl")
-                continue
-            if doc_id not in corpus:
-                problems.add(where, f"corpus id {doc_id!r} is not in corpus.jsonl")
-                continue
-            qrels.setdefault(query_id, {})[doc_id] = grade
-    if not qrels and not problems.items:
-        problems.add(str(path), "no relevance labels; add lines 'query-id<TAB>corpus-id<TAB>score'")
-    problems.raise_if_any(f"qrels {path}")
-    return qrels
-
-
-def load_beir(root: str | Path) -> RetrievalDataset:
+def load_beir(root: str | Path, strict: bool = False) -> RetrievalDataset:
     """Load and validate a BEIR folder: corpus, queries and every `qrels/*.tsv` split.
+
+    Args:
+        root: the folder holding corpus.jsonl, queries.jsonl and qrels/<split>.tsv.
+        strict: make qrels rows that name a query or document that is not loaded errors;
+            by default they are dropped, counted in `dropped_judgements` and reported in one
+            DataWarning per qrels file (published BEIR data has such rows, e.g. ArguAna).
+
+    Returns:
+        The dataset; `dropped_judgements` has one entry per split (all zeros when nothing was dropped).
 
     Raises:
         DataError: the folder or a file is missing, or any line is malformed or inconsistent;
@@ -217,5 +196,7 @@ def load_beir(root: str | Path) -> RetrievalDataset:
     split_files = sorted(qrels_dir.glob("*.tsv")) if qrels_dir.is_dir() else []
     if not split_files:
         raise DataError(f"{qrels_dir} has no <split>.tsv files; add at least qrels/train.tsv and qrels/test.tsv")
-    qrels = {path.stem: load_qrels(path, queries, corpus) for path in split_files}
-    return RetrievalDataset(root=root, corpus=corpus, queries=queries, qrels=qrels)
+    loaded = {path.stem: load_qrels(path, queries, corpus, strict=strict) for path in split_files}
+    return RetrievalDataset(root=root, corpus=corpus, queries=queries,
+                            qrels={split: qrels for split, (qrels, _) in loaded.items()},
+                            dropped_judgements={split: dropped for split, (_, dropped) in loaded.items()})

@@ -29,7 +29,12 @@ def corpus_fingerprint(dataset: RetrievalDataset) -> str:
 
 
 def dataset_fingerprint(dataset: RetrievalDataset) -> str:
-    """Fingerprint of corpus, queries and every split's qrels, independent of line order."""
+    """Fingerprint of corpus, queries and every split's qrels, independent of line order.
+
+    It covers what was loaded: qrels rows dropped for naming an unknown id are not part of it
+    (they change no training row and no metric), so a published file and a copy with those
+    rows removed share a fingerprint; line endings do not matter either.
+    """
     def chunks():
         yield "corpus:" + corpus_fingerprint(dataset)
         for query_id, text in sorted(dataset.queries.items()):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from datasets import Dataset, load_from_disk
 
-from retrieval_lora.data.beir import RetrievalDataset, _Problems, read_jsonl
+from retrieval_lora.data.beir import RetrievalDataset
+from retrieval_lora.data.lines import Problems, read_jsonl
 from retrieval_lora.errors import DataError
 
 QUERY_ALIASES = ("query", "anchor", "question")
@@ -38,7 +39,7 @@ def _first_present(obj: dict, names: tuple[str, ...]) -> str | None:
     return next((name for name in names if name in obj), None)
 
 
-def _row_from_json(obj: dict, where: str, problems: _Problems) -> dict[str, str] | None:
+def _row_from_json(obj: dict, where: str, problems: Problems) -> dict[str, str] | None:
     query_key, positive_key = _first_present(obj, QUERY_ALIASES), _first_present(obj, POSITIVE_ALIASES)
     if query_key is None or positive_key is None:
         missing = "query" if query_key is None else "positive"
@@ -66,7 +67,7 @@ def load_pairs_jsonl(path: str | Path) -> Dataset:
         DataError: missing file, bad JSON, missing/empty fields, or ragged negatives, with file:line.
     """
     path = Path(path)
-    problems = _Problems()
+    problems = Problems()
     rows: list[dict[str, str]] = []
     columns: tuple[str, ...] | None = None
     for lineno, obj in read_jsonl(path, problems):
