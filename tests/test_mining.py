@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import DISTRACTORS, TOPICS, write_beir
 from retrieval_lora.data import RetrievalDataset, load_beir, load_pairs
@@ -20,7 +21,7 @@ from retrieval_lora.errors import ConfigError, DataError, MiningError
 from retrieval_lora.mine import main as mine_main
 from retrieval_lora.mining import MiningConfig, load_mining_result, mine_hard_negatives, save_mining_result
 from retrieval_lora.mining.index import search_corpus
-from retrieval_lora.mining.selection import candidate_window, margin_threshold, pick
+from retrieval_lora.mining.selection import candidate_window, complete, guarded_best, margin_threshold, pick
 from retrieval_lora.models import LoraSettings, attach_lora, load_base
 
 
@@ -185,6 +186,10 @@ def test_bad_inputs_are_clear_errors(embedder, tiny_beir: Path) -> None:
         MiningConfig(negatives=5, rank_start=10, rank_end=12)
     with pytest.raises(ConfigError, match="sampling='best'"):
         MiningConfig(sampling="best")
+    with pytest.raises(ConfigError, match="short_rows='keep': must be one of drop, fill"):
+        MiningConfig(short_rows="keep")
+    with pytest.raises(ConfigError, match="fill_depth=100: must be above rank_end=100"):
+        MiningConfig(short_rows="fill", fill_depth=100)
 
 
 def test_cross_encoder_guard_runs_and_is_counted(embedder, base_path: str, tiny_beir: Path) -> None:
@@ -234,3 +239,70 @@ def test_cli_writes_the_folder_and_reuses_the_cache(base_path: str, tiny_beir: P
     out = capsys.readouterr().out
     assert "cache: corpus hit" in out and "rows written: 8 of 8" in out
     assert (tmp_path / "out" / "rows").is_dir()
+
+
+# A margin of 0.5 leaves half of the multi-positive rows without 2 guarded candidates in ranks 1..3.
+SHORT = dict(negatives=2, rank_start=1, rank_end=4, margin=0.5)
+
+
+def test_short_rows_are_dropped_and_counted_by_default(embedder, multi_positive: Path) -> None:
+    assert MiningConfig().short_rows == "drop"
+    stats = mine_hard_negatives(embedder, load_beir(multi_positive), "train", config(**SHORT)).stats
+    assert stats["rows"]["written"] == 5 and stats["rows"]["dropped"]["too_few_negatives"] == 5
+    assert stats["rows"]["filled"] == 0 and stats["queries"]["recovered_by_fill"] == 0
+    assert stats["queries"]["skipped"]["no_row_with_enough_negatives"] == 3
+
+
+def test_fill_keeps_short_rows_with_guarded_non_positive_negatives(embedder, multi_positive: Path) -> None:
+    dataset = load_beir(multi_positive)
+    dropped = mine_hard_negatives(embedder, dataset, "train", config(**SHORT))
+    filled = mine_hard_negatives(embedder, dataset, "train", config(**SHORT, short_rows="fill", fill_depth=20))
+    stats = filled.stats
+    assert stats["rows"]["written"] == 10 and stats["rows"]["filled"] == 5
+    assert stats["rows"]["dropped"]["too_few_negatives"] == 0
+    assert stats["queries"]["mined"] == 8 and stats["queries"]["recovered_by_fill"] == 3
+    assert stats["candidates"]["fill"]["negatives"] > 0 and stats["scores"]["filled_rows"]["positive"]["count"] == 5
+    assert filled.training_rows().column_names == ["query", "positive", "negative_1", "negative_2"]
+    positives = {q: {d for d, g in docs.items() if g > 0} for q, docs in dataset.split_qrels("train").items()}
+    kept = {(row["query_id"], row["positive_id"]): row for row in dropped.table()}
+    for row in filled.table():
+        ids = row["negative_ids"]
+        assert len(set(ids)) == 2 and not set(ids) & positives[row["query_id"]] and "d1copy" not in ids
+        texts = {dataset.corpus[d].full_text for d in positives[row["query_id"]]}
+        assert not texts & {row["negative_1"], row["negative_2"]}
+        limit = float(margin_threshold(np.array([row["positive_score"]]), SHORT["margin"])[0])
+        assert max(row["negative_scores"]) <= limit + 1e-6  # the margin guard holds for fill negatives too
+        assert row["negative_scores"] == sorted(row["negative_scores"], reverse=True)
+        if (row["query_id"], row["positive_id"]) in kept:  # rows that had enough are unchanged
+            assert ids == kept[row["query_id"], row["positive_id"]]["negative_ids"]
+
+
+def test_fill_with_a_shallow_ranking_still_drops_what_it_cannot_complete(embedder, multi_positive: Path) -> None:
+    stats = mine_hard_negatives(embedder, load_beir(multi_positive), "train",
+                                config(**SHORT, short_rows="fill", fill_depth=5)).stats
+    rows = stats["rows"]
+    assert 0 <= rows["filled"] < 5 and rows["written"] == 5 + rows["filled"]
+    assert rows["dropped"]["too_few_negatives"] == 5 - rows["filled"]
+
+
+def test_fill_runs_the_cross_encoder_guard_on_fill_candidates(embedder, base_path: str, multi_positive: Path) -> None:
+    torch.manual_seed(0)  # the untrained head's scores are arbitrary, but the same each run
+    cross_encoder = load_base("reranker", base_path, max_seq_length=32, device="cpu")
+    settings = dict(negatives=3, rank_start=1, rank_end=4, margin=1.0, short_rows="fill", fill_depth=20)
+    stats = mine_hard_negatives(embedder, load_beir(multi_positive), "train", config(**settings),
+                                cross_encoder=cross_encoder).stats
+    rows, fill = stats["rows"], stats["candidates"]["fill"]
+    assert rows["written"] + rows["dropped"]["too_few_negatives"] == 10
+    assert fill["removed_by_cross_encoder"] > 0  # fill candidates went through the cross-encoder too
+    assert fill["negatives"] >= rows["filled"]
+
+
+def test_guarded_best_and_complete_on_plain_arrays() -> None:
+    # One query's ranks past the window: corpus rows 7, 8, 9, 6 with falling scores, then nothing.
+    beyond = candidate_window(np.array([[7, 8, 9, 6, -1]]), np.array([[0.6, 0.5, 0.4, 0.3, -np.inf]], dtype=np.float32),
+                              [np.array([9])], documents=10, rank_start=0, rank_end=5)
+    rows, scores, found = guarded_best(beyond, np.array([0, 0]), np.array([0.55, 0.35], dtype=np.float32), 2)
+    assert rows.tolist() == [[8, 6], [6, -1]]  # 9 is a positive; 7 (and 8, 6 for the second row) too close
+    assert found.tolist() == [[True, True], [True, False]] and scores[1, 1] == -np.inf
+    own = np.array([[1, 2, 3], [4, 5, 6]])
+    assert complete(own, np.array([1, 3]), np.array([[10, 11, 12], [13, 14, 15]])).tolist() == [[1, 10, 11], [4, 5, 6]]

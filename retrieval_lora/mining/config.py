@@ -10,6 +10,7 @@ from retrieval_lora.errors import ConfigError
 SAMPLINGS = ("top", "random")
 INDEXES = ("auto", "exact", "ivf", "hnsw")
 CACHE_DTYPES = ("float16", "float32")
+SHORT_ROWS = ("drop", "fill")
 
 
 @dataclass
@@ -21,13 +22,18 @@ class MiningConfig:
     Guards against unlabelled positives then drop candidates scoring above `margin` x the
     row's positive score and, optionally, those a cross-encoder scores likewise above the
     positive. `negatives` of the survivors are kept (`top`: the best ranked; `random`: a
-    seeded sample). A row with fewer survivors is dropped and counted.
+    seeded sample). A row with fewer survivors is dropped and counted (`short_rows="drop"`) or,
+    with `short_rows="fill"`, completed by the best-ranked candidates past the window (ranks
+    `rank_end` .. `fill_depth - 1`, positives removed) that pass the same guards; a row still
+    short after that is dropped and counted.
     """
 
     negatives: int = field(4, "hard negatives per (query, positive) row")
     rank_start: int = field(10, "first rank (0-based, positives excluded) a negative may come from; skips the top ones, likely unlabelled positives")
     rank_end: int = field(100, "end of the candidate window (exclusive); must not exceed the corpus size")
     margin: float = field(0.95, "drop candidates scoring above margin x the positive's score (sign-safe: pos - |pos| x (1 - margin)); 0 turns the filter off")
+    short_rows: str = field("drop", "a row with fewer than `negatives` guarded candidates in the window: 'drop' it (counted) or 'fill' it with the best-ranked guarded candidates past the window, down to --fill-depth")
+    fill_depth: int = field(1000, "with --short-rows fill: end (exclusive, positives excluded) of the ranking searched for fill candidates; at most the corpus size")
     sampling: str = field("top", "which survivors become negatives: 'top' (best ranked) or 'random' (seeded sample)")
     index: str = field("auto", "FAISS index: 'exact' (flat inner product), 'ivf', 'hnsw', or 'auto' (approximate above --approximate-above documents)")
     approximate_above: int = field(500_000, "with --index auto: use an HNSW index for corpora larger than this")
@@ -53,9 +59,13 @@ class MiningConfig:
         if not 0.0 <= self.margin <= 1.0:
             problems.append(f"margin={self.margin}: must be in [0, 1] (e.g. 0.95; 0 = off)")
         for name, value, allowed in (("sampling", self.sampling, SAMPLINGS), ("index", self.index, INDEXES),
-                                     ("cache_dtype", self.cache_dtype, CACHE_DTYPES)):
+                                     ("cache_dtype", self.cache_dtype, CACHE_DTYPES),
+                                     ("short_rows", self.short_rows, SHORT_ROWS)):
             if value not in allowed:
                 problems.append(f"{name}={value!r}: must be one of {', '.join(allowed)}")
+        if self.short_rows == "fill" and self.fill_depth <= self.rank_end:
+            problems.append(f"fill_depth={self.fill_depth}: must be above rank_end={self.rank_end} with short_rows='fill' "
+                            "(fill candidates come from the ranks past the window)")
         for name in ("approximate_above", "nprobe", "ef_search", "recall_queries", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)}: must be >= 1")

@@ -8,7 +8,8 @@ Reads top to bottom as check -> plan -> encode -> search -> select -> assemble:
     encode:   each distinct corpus text and each query once, through the embedding cache
     search:   FAISS top-k (exact, IVF or HNSW; recall reported for approximate ones)
     select:   rank window without positives -> margin guard -> optional cross-encoder guard
-              -> `top` or seeded `random` choice; rows left with too few negatives are dropped
+              -> `top` or seeded `random` choice; rows left with too few negatives are dropped,
+              or (`short_rows="fill"`) completed from the guarded ranks past the window
     assemble: text rows for training, ids and scores beside them, statistics
 
 How this differs from `sentence_transformers.util.mine_hard_negatives`: the margin is applied
@@ -42,7 +43,7 @@ from retrieval_lora.mining.config import MiningConfig
 from retrieval_lora.mining.cross_encoder_filter import cross_encoder_drops
 from retrieval_lora.mining.index import SearchResult, search_corpus
 from retrieval_lora.mining.result import MiningResult
-from retrieval_lora.mining.selection import Window, candidate_window, margin_threshold, pick
+from retrieval_lora.mining.selection import Window, candidate_window, complete, guarded_best, margin_threshold, pick
 from retrieval_lora.mining.stats import score_distributions
 from retrieval_lora.models import load_base
 
@@ -139,7 +140,8 @@ def _load_cross_encoder(config: MiningConfig, given: CrossEncoder | None) -> Cro
 
 @dataclass
 class _Selection:
-    """Per row (rows x window): which candidates each guard removed, which survived, and the pick."""
+    """Per row (rows x window): which candidates each guard removed, which survived, and the pick;
+    per row (rows x negatives) the chosen corpus rows and scores, and which rows were filled."""
 
     window: Window
     positive_scores: np.ndarray
@@ -150,6 +152,11 @@ class _Selection:
     keep: np.ndarray
     order: np.ndarray | None = None
     enough: np.ndarray | None = None
+    negatives: np.ndarray | None = None
+    negative_scores: np.ndarray | None = None
+    filled: np.ndarray | None = None
+    fill_negatives: int = 0
+    fill_ce_drop: int = 0
 
 
 def _encode(model: SentenceTransformer, dataset: RetrievalDataset, plan: _Plan, cache: EmbeddingCache | None,
@@ -169,7 +176,7 @@ def _encode(model: SentenceTransformer, dataset: RetrievalDataset, plan: _Plan, 
 
 def _select(search: SearchResult, rows: _Rows, corpus: CorpusEmbeddings, queries: np.ndarray, plan: _Plan,
             config: MiningConfig, cross_encoder: CrossEncoder | None, seconds: dict[str, float]) -> _Selection:
-    """Window -> margin guard -> optional cross-encoder guard -> pick, timed."""
+    """Window -> margin guard -> optional cross-encoder guard -> pick -> fill short rows (if asked), timed."""
     tick = time.perf_counter()
     window = candidate_window(search.indices, search.scores, rows.positive_rows, len(corpus.vectors),
                               config.rank_start, config.rank_end)
@@ -190,22 +197,65 @@ def _select(search: SearchResult, rows: _Rows, corpus: CorpusEmbeddings, queries
     tick = time.perf_counter()
     chosen.order, chosen.enough = pick(chosen.keep, config.negatives, config.sampling,
                                        np.random.default_rng(config.seed))
+    chosen.negatives = np.take_along_axis(window.indices[rows.query], chosen.order, axis=1)
+    chosen.negative_scores = np.take_along_axis(candidate_scores, chosen.order, axis=1)
+    chosen.filled = np.zeros(len(rows.query), dtype=bool)
     seconds["select"] += time.perf_counter() - tick
+    if config.short_rows == "fill" and not chosen.enough.all():
+        tick = time.perf_counter()
+        _fill(chosen, search, rows, corpus, plan, config, cross_encoder)
+        seconds["fill"] = time.perf_counter() - tick
     return chosen
+
+
+def _fill_end(config: MiningConfig, documents: int) -> int:
+    """End of the ranks fill candidates come from (the window's end when rows are dropped instead)."""
+    return max(config.rank_end, min(config.fill_depth, documents)) if config.short_rows == "fill" else config.rank_end
+
+
+def _fill(chosen: _Selection, search: SearchResult, rows: _Rows, corpus: CorpusEmbeddings, plan: _Plan,
+          config: MiningConfig, cross_encoder: CrossEncoder | None) -> None:
+    """Complete each short row: all its own survivors, then the best-ranked candidates past the window
+    that pass the same margin (and cross-encoder) guard. A fill candidate the cross-encoder rejects
+    is not replaced: that row stays short and is dropped."""
+    short, count = np.flatnonzero(~chosen.enough), config.negatives
+    beyond = candidate_window(search.indices, search.scores, rows.positive_rows, len(corpus.vectors),
+                              config.rank_end, _fill_end(config, len(corpus.vectors)))
+    thresholds = margin_threshold(chosen.positive_scores[short], config.margin)
+    extra, extra_scores, found = guarded_best(beyond, rows.query[short], thresholds, count)
+    keep = chosen.keep[short]
+    have = keep.sum(axis=1)
+    needed = np.arange(count)[None, :] < (count - have)[:, None]
+    if cross_encoder is not None:
+        rejected = cross_encoder_drops(cross_encoder, [plan.query_texts[q] for q in rows.query[short]], corpus.texts,
+                                       extra, np.arange(len(short)), rows.positive[short], found & needed,
+                                       config.margin, config.batch_size, config.show_progress)
+        found &= ~rejected
+        chosen.fill_ce_drop = int(rejected.sum())
+    whole = (found | ~needed).all(axis=1)
+    own = np.argsort(~keep, axis=1, kind="stable")[:, :count]  # every survivor of a short row, in rank order
+    own_rows = np.take_along_axis(chosen.window.indices[rows.query[short]], own, axis=1)
+    own_scores = np.take_along_axis(chosen.candidate_scores[short], own, axis=1)
+    taken = short[whole]
+    chosen.negatives[taken] = complete(own_rows, have, extra)[whole]
+    chosen.negative_scores[taken] = complete(own_scores, have, extra_scores)[whole]
+    chosen.enough[taken] = chosen.filled[taken] = True
+    chosen.fill_negatives = int((count - have[whole]).sum())
 
 
 def _stats(split: str, plan: _Plan, rows: _Rows, corpus: CorpusEmbeddings, chosen: _Selection,
            chosen_scores: np.ndarray, search: SearchResult, cache: dict[str, Any], seconds: dict[str, float]) -> dict:
-    enough = chosen.enough
+    enough, filled = chosen.enough, chosen.filled
     written_queries = len(set(rows.query[enough].tolist()))
+    recovered = written_queries - len(set(rows.query[enough & ~filled].tolist()))
     return {
         "split": split,
         "corpus": {"documents": len(corpus.ids), "distinct_texts": len(corpus.texts)},
-        "queries": {"labelled": plan.labelled_queries, "mined": written_queries,
+        "queries": {"labelled": plan.labelled_queries, "mined": written_queries, "recovered_by_fill": recovered,
                     "skipped": {**plan.skipped_queries,
                                 "no_row_with_enough_negatives": len(plan.query_ids) - written_queries}},
         "rows": {"possible": int(len(rows.query)) + rows.duplicate_positives + plan.missing_positives,
-                 "written": int(enough.sum()),
+                 "written": int(enough.sum()), "filled": int(filled.sum()),
                  "dropped": {"positive_missing_from_corpus": plan.missing_positives,
                              "duplicate_positive_text": rows.duplicate_positives,
                              "too_few_negatives": int((~enough).sum())}},
@@ -213,8 +263,10 @@ def _stats(split: str, plan: _Plan, rows: _Rows, corpus: CorpusEmbeddings, chose
                        "removed_by_margin": int(chosen.margin_drop.sum()),
                        "removed_by_cross_encoder": int(chosen.ce_drop.sum()), "kept": int(chosen.keep.sum()),
                        "labelled_positives_in_search_results": chosen.window.positives_in_results,
-                       "queries_with_short_window": chosen.window.short_queries},
-        "scores": score_distributions(chosen.positive_scores[enough], chosen_scores),
+                       "queries_with_short_window": chosen.window.short_queries,
+                       "fill": {"negatives": chosen.fill_negatives, "removed_by_cross_encoder": chosen.fill_ce_drop}},
+        "scores": {**score_distributions(chosen.positive_scores[enough], chosen_scores),
+                   "filled_rows": score_distributions(chosen.positive_scores[filled], chosen.negative_scores[filled])},
         "index": search.info,
         "cache": cache,
         "seconds": {name: round(value, 3) for name, value in seconds.items()},
@@ -238,7 +290,9 @@ def mine_hard_negatives(model: SentenceTransformer, dataset: RetrievalDataset, s
         MiningResult whose `rows` (query, positive, negative_1..N, text only) go to training
         as they are, `scores` holds ids and scores row by row, and `stats` records score
         distributions, candidates removed per filter (counted per row), skipped queries and
-        dropped rows with reasons, the index (with recall when approximate) and timings.
+        dropped rows with reasons, rows completed by `short_rows="fill"` (`rows.filled`, the
+        queries only they brought back: `queries.recovered_by_fill`, their scores:
+        `scores.filled_rows`), the index (with recall when approximate) and timings.
 
     Raises:
         MiningError: empty corpus, `rank_end` larger than the corpus, no minable query, or no
@@ -253,7 +307,8 @@ def mine_hard_negatives(model: SentenceTransformer, dataset: RetrievalDataset, s
     corpus, queries, query_cache = _encode(model, dataset, plan, cache, identity, config, seconds)
 
     rows = _rows_of(plan, corpus)
-    depth = min(len(corpus.vectors), config.rank_end + max(len(positives) for positives in rows.positive_rows))
+    depth = min(len(corpus.vectors), _fill_end(config, len(corpus.vectors))
+                + max(len(positives) for positives in rows.positive_rows))
     search = search_corpus(corpus.vectors, queries, depth, kind=config.index,
                            approximate_above=config.approximate_above, nprobe=config.nprobe,
                            ef_search=config.ef_search, recall_queries=config.recall_queries, seed=config.seed)
@@ -264,11 +319,10 @@ def mine_hard_negatives(model: SentenceTransformer, dataset: RetrievalDataset, s
         raise MiningError(f"no (query, positive) row of split {split!r} kept {config.negatives} negatives: "
                           f"{int(chosen.in_window.sum())} window candidates, {int(chosen.margin_drop.sum())} removed "
                           f"by the margin, {int(chosen.ce_drop.sum())} by the cross-encoder; widen "
-                          "--rank-start/--rank-end, lower --margin or ask for fewer --negatives")
+                          "--rank-start/--rank-end, lower --margin, ask for fewer --negatives or --short-rows fill")
 
     tick = time.perf_counter()
-    negatives = np.take_along_axis(chosen.window.indices[rows.query], chosen.order, axis=1)[enough]
-    negative_scores = np.take_along_axis(chosen.candidate_scores, chosen.order, axis=1)[enough]
+    negatives, negative_scores = chosen.negatives[enough], chosen.negative_scores[enough]
     texts, scores = _assemble(plan, corpus, rows.query[enough], rows.positive[enough],
                               [rows.positive_id[i] for i in np.flatnonzero(enough)],
                               chosen.positive_scores[enough], negatives, negative_scores)

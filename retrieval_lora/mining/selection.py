@@ -8,6 +8,10 @@ Three steps, each a small function with no hidden state:
    close to the positive to trust as a negative (sign-safe relative margin).
 3. `pick`: per row, `count` of the surviving candidates, the best ranked (`top`) or a seeded
    uniform sample (`random`) kept in rank order.
+
+And, for rows left short (`short_rows="fill"`): `guarded_best` takes the best-ranked
+candidates of a second window (the ranks past the first) that pass the same margin, and
+`complete` appends them after the row's own survivors.
 """
 
 from __future__ import annotations
@@ -83,3 +87,42 @@ def pick(keep: np.ndarray, count: int, sampling: str, rng: np.random.Generator) 
     else:
         raise ValueError(f"unknown sampling {sampling!r}")
     return order, keep.sum(axis=1) >= count
+
+
+FILL_CHUNK = 4096  # rows per chunk in `guarded_best`: bounds the (rows x window) temporaries
+
+
+def guarded_best(window: Window, row_query: np.ndarray, thresholds: np.ndarray,
+                 count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the `count` best-ranked candidates of its query's `window` scoring at or below its threshold.
+
+    `row_query[r]` is row r's query (a row of `window`), `thresholds[r]` its margin threshold
+    (`margin_threshold`). Returns (rows, count) corpus rows (-1 = none), scores (-inf = none)
+    and which cells hold a candidate; found candidates come first, in rank order.
+    """
+    rows = len(row_query)
+    indices = np.full((rows, count), -1, dtype=np.int64)
+    scores = np.full((rows, count), -np.inf, dtype=np.float32)
+    for start in range(0, rows, FILL_CHUNK):
+        queries, limits = row_query[start:start + FILL_CHUNK], thresholds[start:start + FILL_CHUNK, None]
+        candidates, candidate_scores = window.indices[queries], window.scores[queries]
+        keep = (candidates >= 0) & (candidate_scores <= limits)
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :count]
+        found = np.take_along_axis(keep, order, axis=1)
+        width = order.shape[1]  # below `count` when the window is narrower
+        indices[start:start + len(queries), :width] = np.where(found, np.take_along_axis(candidates, order, axis=1), -1)
+        scores[start:start + len(queries), :width] = np.where(found, np.take_along_axis(candidate_scores, order, axis=1),
+                                                              -np.inf)
+    return indices, scores, indices >= 0
+
+
+def complete(own: np.ndarray, have: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """Per row, its first `have[r]` cells of `own` followed by the first cells of `extra`.
+
+    `own` and `extra` are (rows, count); the result is (rows, count), so every row keeps the
+    same number of columns whatever it took from where.
+    """
+    count = own.shape[1]
+    column = np.arange(count)[None, :]
+    source = np.where(column < have[:, None], column, count + column - have[:, None])
+    return np.take_along_axis(np.concatenate([own, extra], axis=1), source, axis=1)
