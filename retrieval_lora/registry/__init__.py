@@ -1,6 +1,6 @@
 """A filesystem registry of adapters: numbered versions, an atomic `promoted` pointer, rollback.
 
-Layout under the registry root (default `registry/`, or `$RETRIEVAL_LORA_REGISTRY`):
+Layout under the registry root (`registry_root`: `$RETRIEVAL_LORA_REGISTRY`, else `./registry`):
 
     <name>/
       versions/<n>/          one folder per registered version, never changed once visible
@@ -25,6 +25,9 @@ Guarantees:
 
 Not supported: registries on filesystems without POSIX rename/flock semantics (e.g. some
 network mounts, Windows); deleting versions (versions are immutable lineage).
+
+The command line (`python -m retrieval_lora.registry list|show|promote|rollback`) lives in
+`cli.py` and `__main__.py`; it imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -347,12 +350,3 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry in some containers
         return "unknown"
-
-
-
-
-if __name__ == "__main__":  # `python -m retrieval_lora.registry ...`; the CLI lives in registry_cli
-    from retrieval_lora.cli import run_cli
-    from retrieval_lora.registry_cli import main
-
-    run_cli(main)

@@ -2,6 +2,8 @@
 
 The registry folder is `--registry DIR`, else `$RETRIEVAL_LORA_REGISTRY`, else `./registry`.
 """
+# This docstring is the `--help` description. `__main__.py` runs `main`; the registry package
+# (`retrieval_lora/registry/__init__.py`) never imports this module, so there is no import cycle.
 
 from __future__ import annotations
 
@@ -85,6 +87,12 @@ def _list(registry: Registry) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one registry command from `argv` (default: `sys.argv[1:]`); returns the exit status 0.
+
+    Raises:
+        RegistryError: unknown name, version or spec, a failed gate without --force, nothing to roll back.
+        SystemExit: bad arguments (argparse prints the usage).
+    """
     args = build_parser().parse_args(argv)
     registry = Registry(args.registry)
     if args.command == "list":
