@@ -8,18 +8,21 @@ name (its promoted version, followed live), NAME@N (pinned) or the base's name.
 
 from __future__ import annotations
 
+import argparse
 import logging
 
-from retrieval_lora.cli import build_parser, config_from_args, run_cli
+from retrieval_lora.cli import build_parser as build_config_parser
+from retrieval_lora.cli import config_from_args, run_cli
 from retrieval_lora.registry import Registry
 from retrieval_lora.serving.app import create_app
 from retrieval_lora.serving.auth import KeyRing
-from retrieval_lora.serving.config import ServeConfig
+from retrieval_lora.serving.config import MIXED_LORA, ServeConfig
 from retrieval_lora.serving.service import RetrievalService
 from retrieval_lora.serving.sources import RegistrySource
 
 EPILOG = """examples:
-  python -m retrieval_lora.serve                                   # ./registry on 127.0.0.1:8000, no keys
+  python -m retrieval_lora.serve                                   # $RETRIEVAL_LORA_REGISTRY or ./registry
+                                                                   # on 127.0.0.1:8000, no keys
   python -m retrieval_lora.serve --host 0.0.0.0 --keys keys.yaml --registry /srv/registry
   python -m retrieval_lora.serve --preload scifact,scifact-rerank --max-documents 200
 
@@ -29,12 +32,20 @@ call it:
 """
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The serve command line: one flag per `ServeConfig` field, with that field's default and help."""
+    return build_config_parser(ServeConfig, __doc__, prog="python -m retrieval_lora.serve", epilog=EPILOG,
+                               choices={"mixed_lora": MIXED_LORA})
+
+
 def build_service(config: ServeConfig) -> RetrievalService:
-    """The service for `config`, with its bases and preloaded adapters already in memory."""
-    service = RetrievalService(RegistrySource(Registry(config.registry)), base=config.base, base_name=config.base_name,
-                               device=config.device, max_seq_length=config.max_seq_length,
-                               batch_size=config.batch_size, batch_wait_ms=config.batch_wait_ms,
-                               max_loaded_adapters=config.max_loaded_adapters, mixed_lora=config.mixed_lora)
+    """The service for `config` (a `ServeConfig` is its `ServiceConfig`), serving the registry at
+    `config.registry_dir`, with the bases of `config.tasks` and the `config.preload` adapters in memory.
+
+    Raises:
+        AdapterError, ServingError, InvalidRequest: a base or preloaded adapter cannot be loaded.
+    """
+    service = RetrievalService(RegistrySource(Registry(config.registry_dir)), config)
     service.start(config.task_list, config.preload_list)
     return service
 
@@ -42,9 +53,7 @@ def build_service(config: ServeConfig) -> RetrievalService:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    parser = build_parser(ServeConfig, __doc__, prog="python -m retrieval_lora.serve", epilog=EPILOG,
-                          choices={"mixed_lora": ("grouped", "peft")})
-    config: ServeConfig = config_from_args(ServeConfig, parser.parse_args(argv))
+    config: ServeConfig = config_from_args(ServeConfig, build_parser().parse_args(argv))
     keys = KeyRing(config.keys) if config.keys else None
     if keys is None:
         print("warning: no --keys file: every client on this machine may use every model", flush=True)
@@ -54,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(config.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = build_service(config)
-    print(f"Serving base {service.base_name!r} and the adapters of {config.registry} on "
+    print(f"Serving base {service.base_name!r} and the adapters of {config.registry_dir} on "
           f"http://{config.host}:{config.port}", flush=True)
     try:
         uvicorn.run(create_app(service, keys, config.limits), host=config.host, port=config.port, log_level="warning")

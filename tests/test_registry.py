@@ -20,7 +20,7 @@ from retrieval_lora.models import (
     save_adapter, transformer_of,
 )
 from retrieval_lora.registry import DEFAULT_REGISTRY, REGISTRY_ENV, Registry, registry_root
-from retrieval_lora.registry_cli import main as registry_main
+from retrieval_lora.registry.cli import main as registry_main
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["which animal has a trunk", "bees make honey"]
@@ -240,6 +240,16 @@ def test_cli_list_show_promote_rollback(registry: Registry, capsys) -> None:
     done = subprocess.run([sys.executable, "-m", "retrieval_lora.registry", *root, "show", "demo@7"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and "error: adapter 'demo' has no version 7" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_registry_package_never_imports_its_cli() -> None:
+    """The API is importable alone (no import cycle with the CLI) and keeps its public names."""
+    code = ("import sys, retrieval_lora.registry as r; "
+            "assert not any(m.startswith('retrieval_lora.registry.') for m in sys.modules), sorted(sys.modules); "
+            "print(r.Registry, r.AdapterVersion, r.DEFAULT_REGISTRY, r.REGISTRY_ENV, r.registry_root)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@ with `models.save_adapter`, registered in a temp registry. test_serving_http.py 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +20,14 @@ from retrieval_lora.models import (
     DEFAULT_BASE, AdapterMetadata, LoraSettings, attach_lora, base_fingerprint, load_adapter, load_base, save_adapter,
     transformer_of,
 )
-from retrieval_lora.registry import Registry
-from retrieval_lora.serving import Embedder, InvalidRequest, Limits, ModelNotFound, Reranker, RetrievalService, ServeConfig
+from retrieval_lora.registry import DEFAULT_REGISTRY, REGISTRY_ENV, Registry
+from retrieval_lora.serving import (
+    Embedder, InvalidRequest, Limits, ModelNotFound, Reranker, RetrievalService, ServeConfig, ServiceConfig,
+)
 from retrieval_lora.serving.auth import KeyRing, parse_keys
+from retrieval_lora.serving.batcher import Batcher
 from retrieval_lora.serving.errors import Forbidden, Unauthorized
-from retrieval_lora.serving.pool import BASE_ADAPTER, HEAD_SEED
+from retrieval_lora.serving.pool import BASE_ADAPTER, HEAD_SEED, AdapterPool, BaseSlot
 from retrieval_lora.serving.sources import RegistrySource
 
 MAX_LEN = 32
@@ -255,6 +260,64 @@ def test_serve_config_from_flags_and_its_validation() -> None:
     with pytest.raises(ConfigError, match="batch_size=0.*tasks='embedder,ranker'"):
         ServeConfig(batch_size=0, tasks="embedder,ranker")
     ServeConfig(host="0.0.0.0", keys="keys.yaml")
+
+
+def test_serving_defaults_are_defined_once_in_service_config(tmp_path) -> None:
+    """The serve flags, `ServiceConfig` and the Python API resolve to the same engine settings,
+    and no class below them restates a default of its own."""
+    from retrieval_lora.cli import config_from_args
+    from retrieval_lora.serve import build_parser
+
+    defaults = ServiceConfig()
+    names = [f.name for f in dataclasses.fields(ServiceConfig)]
+    parser = build_parser()
+    from_flags = config_from_args(ServeConfig, parser.parse_args([]))
+    assert {name: getattr(from_flags, name) for name in names} == dataclasses.asdict(defaults)
+    helps = {action.dest: action.help for action in parser._actions}
+    for name in names:
+        if getattr(defaults, name) is not None:
+            assert f"(default: {getattr(defaults, name)})" in helps[name], name
+    with Embedder(adapter_dir=tmp_path) as embedder, Reranker() as reranker:
+        assert embedder.service.config == defaults == reranker.service.config == RetrievalService(None).config
+        assert embedder.service.pool.config == defaults
+    for call in (RetrievalService.__init__, Embedder.__init__, Reranker.__init__, AdapterPool.__init__,
+                 BaseSlot.__init__, Batcher.__init__):
+        parameters = inspect.signature(call).parameters
+        restated = [name for name in [*names, "wait_s"] if name in parameters
+                    and parameters[name].default is not inspect.Parameter.empty]
+        assert not restated, f"{call.__qualname__} restates the defaults of {restated}"
+
+
+def test_python_api_settings_override_service_config_by_name(service, tmp_path) -> None:
+    with Embedder(adapter_dir=tmp_path, batch_size=8, max_seq_length=MAX_LEN) as embedder:
+        assert embedder.service.config == dataclasses.replace(ServiceConfig(), batch_size=8, max_seq_length=MAX_LEN)
+    with pytest.raises(ConfigError, match="unknown serving settings \\['batch_sizes'\\]; the settings are base, "):
+        RetrievalService(None, batch_sizes=8)
+    with pytest.raises(ConfigError, match="batch_size=0: must be >= 1"):
+        Reranker(batch_size=0)
+    with pytest.raises(ConfigError, match="either service= or settings for a new service \\(batch_size\\)"):
+        Embedder("acme-embed", service=service, batch_size=8)
+
+
+def test_registry_folder_is_the_env_var_then_registry_for_server_and_api(monkeypatch, tmp_path) -> None:
+    from retrieval_lora.cli import config_from_args
+    from retrieval_lora.serve import build_parser, build_service
+
+    monkeypatch.setenv(REGISTRY_ENV, str(tmp_path))
+    config = config_from_args(ServeConfig, build_parser().parse_args(["--tasks", ""]))  # no base to load
+    assert config.registry is None and config.registry_dir == tmp_path
+    service = build_service(config)
+    try:
+        assert service.source.registry.root == tmp_path
+    finally:
+        service.close()
+    with Embedder("acme-embed") as embedder, Reranker(registry="elsewhere") as reranker:
+        assert embedder.service.source.registry.root == tmp_path
+        assert reranker.service.source.registry.root == Path("elsewhere")
+    flag = config_from_args(ServeConfig, build_parser().parse_args(["--registry", "elsewhere"]))
+    assert flag.registry_dir == Path("elsewhere")
+    monkeypatch.delenv(REGISTRY_ENV)
+    assert ServeConfig().registry_dir == Path(DEFAULT_REGISTRY)
 
 
 def test_row_groups_are_contiguous_runs_without_the_base() -> None:

@@ -17,12 +17,13 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from retrieval_lora.errors import ConfigError
-from retrieval_lora.models import DEFAULT_BASE
 from retrieval_lora.registry import Registry
+from retrieval_lora.serving.config import ServiceConfig
 from retrieval_lora.serving.service import Ranked, RetrievalService
 from retrieval_lora.serving.sources import FolderSource, RegistrySource
 
@@ -31,13 +32,18 @@ FOLDER_MODEL = "adapter"  # the name an `adapter_dir` is served under
 
 class _Client:
     def __init__(self, model: str | None, *, registry: str | Path | None, adapter_dir: str | Path | None,
-                 base: str, max_seq_length: int | None, device: str | None, service: RetrievalService | None) -> None:
+                 service: RetrievalService | None, config: ServiceConfig | None, settings: dict[str, Any]) -> None:
         if model is not None and adapter_dir is not None:
             raise ConfigError("give either a registry model name or adapter_dir, not both")
+        if service is not None and (config is not None or settings):
+            # A shared service keeps its own settings; ignoring these silently would serve other ones.
+            given = sorted(settings) + (["config"] if config is not None else [])
+            raise ConfigError(f"give either service= or settings for a new service ({', '.join(given)}), not both; "
+                              "configure the shared service itself")
         self._owns_service = service is None
         if service is None:
             source = FolderSource({FOLDER_MODEL: adapter_dir}) if adapter_dir is not None else RegistrySource(Registry(registry))
-            service = RetrievalService(source, base=base, device=device, max_seq_length=max_seq_length)
+            service = RetrievalService(source, config, **settings)
         self.service = service
         self.model = FOLDER_MODEL if adapter_dir is not None else (model or service.base_name)
 
@@ -59,20 +65,24 @@ class Embedder(_Client):
     Args:
         model: a registry spec ("name" follows the promoted version at every call, "name@3" is
             pinned); None for the bare base.
-        registry: registry folder (default: $RETRIEVAL_LORA_REGISTRY or ./registry).
+        registry: registry folder (default: $RETRIEVAL_LORA_REGISTRY or ./registry, see `registry_root`).
         adapter_dir: an adapter folder to use instead of a registry model.
-        base, max_seq_length, device: how to load the base.
         service: share an existing service (and its loaded bases) instead of creating one.
+        config, **settings: the engine settings of the service this object creates: a
+            `ServiceConfig` and/or its fields by name (`base`, `max_seq_length`, `device`,
+            `batch_size`, ...); unset ones take `ServiceConfig`'s defaults, the server's too.
 
     Raises:
+        ConfigError: at construction, for model together with adapter_dir, settings together with
+            service, or an unknown or invalid setting.
         ModelNotFound, InvalidRequest (a reranker adapter), ServingError: at the first `encode`.
     """
 
     def __init__(self, model: str | None = None, *, registry: str | Path | None = None,
-                 adapter_dir: str | Path | None = None, base: str = DEFAULT_BASE, max_seq_length: int | None = None,
-                 device: str | None = None, service: RetrievalService | None = None) -> None:
-        super().__init__(model, registry=registry, adapter_dir=adapter_dir, base=base, max_seq_length=max_seq_length,
-                         device=device, service=service)
+                 adapter_dir: str | Path | None = None, service: RetrievalService | None = None,
+                 config: ServiceConfig | None = None, **settings: Any) -> None:
+        super().__init__(model, registry=registry, adapter_dir=adapter_dir, service=service, config=config,
+                         settings=settings)
 
     def encode(self, texts: str | list[str]) -> np.ndarray:
         """(n, dim) float32 unit vectors for `texts` (a single string gives shape (1, dim))."""
@@ -86,10 +96,10 @@ class Reranker(_Client):
     """
 
     def __init__(self, model: str | None = None, *, registry: str | Path | None = None,
-                 adapter_dir: str | Path | None = None, base: str = DEFAULT_BASE, max_seq_length: int | None = None,
-                 device: str | None = None, service: RetrievalService | None = None) -> None:
-        super().__init__(model, registry=registry, adapter_dir=adapter_dir, base=base, max_seq_length=max_seq_length,
-                         device=device, service=service)
+                 adapter_dir: str | Path | None = None, service: RetrievalService | None = None,
+                 config: ServiceConfig | None = None, **settings: Any) -> None:
+        super().__init__(model, registry=registry, adapter_dir=adapter_dir, service=service, config=config,
+                         settings=settings)
 
     def rerank(self, query: str, documents: list[str], top_n: int | None = None) -> list[Ranked]:
         """`documents` by relevance to `query`, best first, each with index, score and text."""

@@ -58,9 +58,13 @@ class _Job:
 
 
 class Batcher:
-    """A worker thread that runs the jobs submitted for one slot in shared forward passes."""
+    """A worker thread that runs the jobs submitted for one slot in shared forward passes.
 
-    def __init__(self, slot: BaseSlot, *, batch_size: int = 32, wait_s: float = 0.002) -> None:
+    `batch_size` and `wait_s` come from `ServiceConfig` (`batch_size`, `batch_wait_ms`), the one
+    place their defaults are defined, so they are required here.
+    """
+
+    def __init__(self, slot: BaseSlot, *, batch_size: int, wait_s: float) -> None:
         self.slot = slot
         self.batch_size = batch_size
         self.wait_s = wait_s

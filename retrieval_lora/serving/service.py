@@ -20,13 +20,14 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from retrieval_lora.errors import AdapterError, RetrievalLoraError
 from retrieval_lora.models import DEFAULT_BASE, AdapterMetadata, read_adapter_metadata
 from retrieval_lora.serving.batcher import Batcher
+from retrieval_lora.serving.config import ServiceConfig, service_config
 from retrieval_lora.serving.errors import InvalidRequest, ServingError
 from retrieval_lora.serving.pool import BASE_ADAPTER, AdapterPool, AdapterRef, BaseSlot
 from retrieval_lora.serving.sources import AdapterSource
@@ -83,26 +84,30 @@ def rank_scores(scores: np.ndarray, top_n: int | None = None) -> list[Ranked]:
 class RetrievalService:
     """Embedding and reranking with any adapter of `source` on shared bases.
 
+    Args:
+        source: where adapter specs resolve (`RegistrySource`, `FolderSource`); None serves the base only.
+        config: the engine settings (default `ServiceConfig()`, where every default is defined).
+        **settings: `ServiceConfig` fields to override, e.g. `batch_size=64, max_seq_length=256`.
+
     Example:
-        service = RetrievalService(RegistrySource(Registry("registry")))
+        service = RetrievalService(RegistrySource(Registry()), batch_size=64)
         service.embed("support-faq", ["how do I reset my password"]).vectors
         service.rerank("support-rerank@2", "reset password", ["doc one", "doc two"]).results
         service.close()
 
-    Raises (from every request method): ModelNotFound, InvalidRequest (wrong task for the model),
-    ServingError (an adapter that cannot be loaded).
+    Raises:
+        ConfigError (construction): an unknown setting name or an invalid value.
+        From every request method: ModelNotFound, InvalidRequest (wrong task for the model),
+        ServingError (an adapter that cannot be loaded).
     """
 
-    def __init__(self, source: AdapterSource | None, *, base: str = DEFAULT_BASE, base_name: str | None = None,
-                 device: str | None = None, max_seq_length: int | None = None, batch_size: int = 32,
-                 batch_wait_ms: float = 2.0, max_loaded_adapters: int = 64, mixed_lora: str = "grouped") -> None:
+    def __init__(self, source: AdapterSource | None, config: ServiceConfig | None = None, **settings: Any) -> None:
+        self.config = config = service_config(config, **settings)
         self.source = source
-        self.base = base
-        self.base_name = base_name or (base if base == DEFAULT_BASE else Path(base).name or base)
-        self.batch_size = batch_size
-        self.batch_wait_s = batch_wait_ms / 1000.0
-        self.pool = AdapterPool(device=device, max_seq_length=max_seq_length, max_loaded_adapters=max_loaded_adapters,
-                                mixed_lora=mixed_lora)
+        self.base = config.base
+        self.base_name = config.base_name or (config.base if config.base == DEFAULT_BASE
+                                              else Path(config.base).name or config.base)
+        self.pool = AdapterPool(config)
         self._batchers: dict[int, Batcher] = {}
         self._metadata: dict[tuple[str, int], AdapterMetadata] = {}
         self._lock = threading.Lock()
@@ -225,7 +230,8 @@ class RetrievalService:
         with self._lock:
             batcher = self._batchers.get(id(slot))
             if batcher is None:
-                batcher = self._batchers[id(slot)] = Batcher(slot, batch_size=self.batch_size, wait_s=self.batch_wait_s)
+                batcher = self._batchers[id(slot)] = Batcher(slot, batch_size=self.config.batch_size,
+                                                              wait_s=self.config.batch_wait_ms / 1000.0)
             return batcher
 
     def _metadata_of(self, ref: AdapterRef) -> AdapterMetadata:
