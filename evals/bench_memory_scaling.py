@@ -33,21 +33,15 @@ Results: evals/results/memory_scaling.json, .md and .png (with the command that 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench_training import proc_status_mb  # noqa: E402  (evals/ is on sys.path when this script runs)
+from harness import (RESULTS, AnonPeak, ChildFailed, arguments, command_line, dataset_or_skip, peak_rss_mb,
+                     read_results, replace_row, reset_peak, run_isolated, status_mb, torch_threads, write_results)
+from recipes import train_ours
 
 SIZES = {  # name: BertConfig shape (None = the packaged model itself)
     "minilm-l6": None,
@@ -55,59 +49,6 @@ SIZES = {  # name: BertConfig shape (None = the packaged model itself)
     "bert-large": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096},
 }
 VARIANTS = ("lora", "qlora", "lora-gc", "qlora-gc")  # -gc: with --gradient-checkpointing
-RESULTS = ROOT / "evals" / "results"
-
-
-def _status_mb(field: str) -> float:
-    value = proc_status_mb(field)
-    if value is None:
-        raise RuntimeError(f"/proc/self/status has no {field} (this benchmark needs Linux)")
-    return value
-
-
-def _reset_peak() -> None:
-    """Start a new VmHWM window (Linux >= 4.0: writing 5 to clear_refs resets the peak RSS)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-class AnonPeak:
-    """Sample RssAnon every 20 ms in a thread and keep the maximum since the last `reset`.
-
-    VmHWM counts file-backed pages too: weights that safetensors maps from disk count once
-    touched, whether or not the process still needs them, and the kernel can drop them under
-    pressure. Anonymous memory (activations, gradients, quantized copies, the heap) cannot
-    be dropped, so its peak is what a machine must really have free."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.peak = 0.0
-        self._lock = threading.Lock()  # a sample of the old window must not land after a reset
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        with self._lock:
-            self.peak = max(self.peak, _status_mb("RssAnon"))
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self._sample()
-
-    def reset(self) -> float:
-        """The peak so far (one last sample included); start a new window."""
-        self._sample()
-        with self._lock:
-            peak, self.peak = self.peak, 0.0
-        return peak
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return self.reset()
-
-
 def build_base(size: str, work: Path, seed: int) -> str:
     """The model folder for `size`: the packaged base, or a sentence-transformers folder of random weights."""
     from retrieval_lora.models import DEFAULT_BASE, resolve_base
@@ -137,45 +78,45 @@ def build_base(size: str, work: Path, seed: int) -> str:
     return str(folder)
 
 
-def child(size: str, variant: str, base: str, args) -> dict:
-    """Train one (size, variant) in this process and return its memory figures."""
-    import torch
+def child(spec) -> dict:
+    """Train one (spec.size, spec.variant) in this process (run_isolated's child); its memory figures."""
     from transformers import TrainerCallback
 
     from retrieval_lora.data import load_beir
     from retrieval_lora.data.pairs import pairs_from_qrels
-    from retrieval_lora.training import TrainConfig, train_adapter
 
-    torch.set_num_threads(args.threads)
-    marks: dict = {"rss_after_imports_mb": round(_status_mb("VmRSS"))}
+    torch_threads(spec.threads)
+    marks: dict = {"rss_after_imports_mb": round(status_mb("VmRSS"))}
     anon = AnonPeak()
 
     class Marks(TrainerCallback):
         def on_train_begin(self, train_args, state, control, model=None, **kwargs):
             weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-            marks.update(base_weights_mb=round(weights / 2**20), rss_before_training_mb=round(_status_mb("VmRSS")),
-                         peak_loading_mb=round(_status_mb("VmHWM")), anon_peak_loading_mb=round(anon.reset()))
-            _reset_peak()
+            marks.update(base_weights_mb=round(weights / 2**20), rss_before_training_mb=round(status_mb("VmRSS")),
+                         peak_loading_mb=round(peak_rss_mb()), anon_peak_loading_mb=round(anon.reset()))
+            reset_peak()
             marks["started"] = time.perf_counter()
 
         def on_train_end(self, train_args, state, control, **kwargs):
             marks["seconds"] = time.perf_counter() - marks.pop("started")
 
-    dataset = load_beir(args.data)
-    rows = pairs_from_qrels(dataset, "train").shuffle(seed=args.seed)
-    rows = rows.select(range(min(len(rows), args.steps * args.batch_size)))
-    config = TrainConfig(task="embedder", base=base, qlora=variant.startswith("qlora"),
-                         gradient_checkpointing=variant.endswith("-gc"), batch_size=args.batch_size,
-                         max_seq_length=args.max_seq_length, mining=False, dev_split="", seed=args.seed,
-                         output=str(args.work), checkpoint_steps=10_000)
-    result = train_adapter(config, dataset, Path(args.work) / "runs" / f"{size}-{variant}", rows=rows,
-                           callbacks=[Marks()])
-    steps = -(-len(rows) // args.batch_size)
+    dataset = load_beir(spec.data)
+    rows = pairs_from_qrels(dataset, "train").shuffle(seed=spec.seed)
+    rows = rows.select(range(min(len(rows), spec.steps * spec.batch_size)))
+    result, _ = train_ours(rows, dataset, Path(spec.work) / "runs" / f"{spec.size}-{spec.variant}",
+                           callbacks=[Marks()], task="embedder", base=spec.base, qlora=spec.variant.startswith("qlora"),
+                           gradient_checkpointing=spec.variant.endswith("-gc"), batch_size=spec.batch_size,
+                           max_seq_length=spec.max_seq_length, mining=False, seed=spec.seed)
+    steps = -(-len(rows) // spec.batch_size)
     seconds = marks.pop("seconds")
-    return {"size": size, "variant": variant, **marks, "peak_training_mb": round(_status_mb("VmHWM")),
+    return {"size": spec.size, "variant": spec.variant, **marks, "peak_training_mb": round(peak_rss_mb()),
             "anon_peak_training_mb": round(anon.stop()),
             "total_parameters": result.total, "trainable_parameters": result.trainable,
             "steps": steps, "seconds_per_step": round(seconds / steps, 1)}
+
+
+def _order(row: dict) -> tuple[int, int]:
+    return list(SIZES).index(row["size"]), VARIANTS.index(row["variant"])
 
 
 def _peaks(row: dict) -> tuple[float, float]:
@@ -252,71 +193,46 @@ def _plot(report: dict, path: Path) -> None:
 
 
 def _write(report: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory_scaling.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_results(RESULTS / "memory_scaling", report, _markdown(report))
     _plot(report, RESULTS / "memory_scaling.png")
-    (RESULTS / "memory_scaling.md").write_text(_markdown(report))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="scifact", help="folder name under ../shared/datasets (train pairs)")
+    parser = arguments(__doc__, threads=2, work="runs/bench_memory")
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated subset of {tuple(SIZES)}")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     parser.add_argument("--steps", type=int, default=1,
                         help="training steps per process (the peak comes in the first: LoRA's optimizer state is tiny)")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per step")
     parser.add_argument("--max-seq-length", type=int, default=128, help="truncate texts to this many tokens")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per training process")
     parser.add_argument("--seed", type=int, default=42, help="seed for the random weights, row sample and training")
     parser.add_argument("--report-only", action="store_true", help="redraw the table and plot from the saved results")
-    parser.add_argument("--work", default="runs/bench_memory", help="scratch folder for models and runs (not committed)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-base", help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.data = str(ROOT.parent / "shared" / "datasets" / args.dataset)
-    if args.child:
-        size, variant = args.child.split(":")
-        Path(args.child_out).write_text(json.dumps(child(size, variant, args.child_base, args)))
-        return 0
     if args.report_only:
-        _write(json.loads((RESULTS / "memory_scaling.json").read_text()))
+        _write(read_results(RESULTS / "memory_scaling"))
         print((RESULTS / "memory_scaling.md").read_text())
         return 0
-    if not Path(args.data).is_dir():
-        print(f"skipped: dataset folder {args.data} not found (benchmarks use ../shared/datasets)")
-        return 0
+    args.data = str(dataset_or_skip(args.dataset))
+    unknown = sorted(set(args.sizes.split(",")) - set(SIZES))
+    if unknown:
+        parser.error(f"--sizes: unknown size {unknown[0]!r}; choose from {tuple(SIZES)}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    command_line = "python " + " ".join(sys.argv)
     report = {"machine": f"{os.cpu_count()} CPU cores, no GPU", "dataset": args.dataset, "steps": args.steps,
               "batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "threads": args.threads, "rows": []}
-    saved = RESULTS / "memory_scaling.json"
-    if saved.is_file():  # rows measured earlier with the same settings stay, unless measured again now
-        earlier = json.loads(saved.read_text())
-        if all(earlier.get(key) == value for key, value in report.items() if key != "rows"):
-            report["rows"] = earlier["rows"]
-            report["notes"] = earlier.get("notes", [])
+    earlier = read_results(RESULTS / "memory_scaling")
+    if earlier and all(earlier.get(key) == value for key, value in report.items() if key != "rows"):
+        report["rows"], report["notes"] = earlier["rows"], earlier.get("notes", [])  # same settings: earlier rows stay
     for size in args.sizes.split(","):
-        if size not in SIZES:
-            parser.error(f"--sizes: unknown size {size!r}; choose from {tuple(SIZES)}")
         base = build_base(size, work, args.seed)
         for variant in args.variants.split(","):
-            out = work / f"{size}-{variant}.json"
             print(f"== {size} {variant}", flush=True)
-            command = [sys.executable, __file__, "--child", f"{size}:{variant}", "--child-base", base,
-                       "--child-out", str(out), "--work", str(work), "--dataset", args.dataset,
-                       "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                       "--max-seq-length", str(args.max_seq_length), "--threads", str(args.threads),
-                       "--seed", str(args.seed)]
-            out.unlink(missing_ok=True)
-            proc = subprocess.run(command, cwd=ROOT)
-            row = (json.loads(out.read_text()) if proc.returncode == 0
-                   else {"size": size, "variant": variant, "error": f"exit {proc.returncode}"})
-            row["command"] = command_line
-            report["rows"] = [r for r in report["rows"] if (r["size"], r["variant"]) != (size, variant)] + [row]
-            report["rows"].sort(key=lambda r: (list(SIZES).index(r["size"]), VARIANTS.index(r["variant"])))
+            try:
+                row = run_isolated(child, {**vars(args), "size": size, "variant": variant, "base": base})
+            except ChildFailed as failed:
+                row = {"size": size, "variant": variant, "error": f"exit {failed.returncode}"}
+            row["command"] = command_line(__file__)
+            report["rows"] = replace_row(report["rows"], row, ("size", "variant"), _order)
             _write(report)
     print(_markdown(report))
     return 0

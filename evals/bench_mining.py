@@ -3,13 +3,12 @@
 For one BEIR dataset (train split, found at ../shared/datasets/<name>), in one invocation:
 
   ours-cold  `retrieval_lora.mining.mine_hard_negatives` with an empty embedding cache
-  peer       `sentence_transformers.util.mine_hard_negatives(use_faiss=True)`, same model,
-             max length, batch size, window (range_min/range_max), margin (relative_margin =
-             1 - margin), count, `top` sampling, n-tuple output
+  peer       `sentence_transformers.util.mine_hard_negatives(use_faiss=True)` (evals/recipes.py),
+             same model, max length, batch size, window, margin, count
   ours-warm  ours again on the cache the cold run filled (no encoding): shown separately,
              since the peer gets no such reuse
 
-Each method runs in its own subprocess so that its peak RSS (ru_maxrss) is its own; the model's
+Each method runs in its own subprocess so that its peak RSS (VmHWM) is its own; the model's
 `encode` is wrapped to sum the time spent encoding, so wall time splits into encoding and
 everything else (search, selection, building rows). Written to evals/results/mining_<name>.json
 and .md, with the command line.
@@ -20,39 +19,21 @@ and .md, with the command line.
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import io
 import json
-import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ROOT.parent / "shared" / "datasets"
-RESULTS = ROOT / "evals" / "results"
-sys.path.insert(0, str(ROOT))
-
+from harness import (RESULTS, ChildFailed, arguments, command_line, dataset_or_skip, peak_rss_mb,
+                     run_isolated, status_mb, write_results)
+from recipes import add_window_flags, mine_peer, peer_inputs
 
 METHODS = ("ours-cold", "peer", "peer-reuse", "ours-warm")
-
-
-def rss_mb() -> float:
-    """Current resident set size of this process in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def cpu_seconds() -> float:
@@ -106,14 +87,6 @@ def run_ours(args, dataset, model, cache_dir: str) -> dict:
             "cache": {k: stats["cache"][k] for k in ("corpus", "queries")}}
 
 
-def peer_inputs(dataset) -> tuple[list[tuple[str, str]], list[str]]:
-    """(query, positive) text pairs of the train split and the corpus texts, as the peer takes them."""
-    train = dataset.split_qrels("train")
-    pairs = [(dataset.queries[q], dataset.corpus[d].full_text) for q in sorted(train)
-             for d, grade in sorted(train[q].items()) if grade > 0 and d in dataset.corpus]
-    return pairs, [dataset.corpus[d].full_text for d in sorted(dataset.corpus)]
-
-
 def peer_cache_hash(model, texts: list[str]) -> str:
     """The file hash `sentence_transformers.util.mine_hard_negatives` uses for its embedding cache."""
     import hashlib
@@ -122,7 +95,7 @@ def peer_cache_hash(model, texts: list[str]) -> str:
     return hashlib.sha256(repr((name, None, None, texts)).encode(), usedforsecurity=False).hexdigest()
 
 
-def fill_peer_cache(args, dataset, model, corpus: list[str], pairs: list[tuple[str, str]], folder: Path) -> None:
+def fill_peer_cache(args, dataset, model, folder: Path) -> None:
     """Hand the peer the embeddings our cold run stored (same model, texts, max length, batch size),
     under the names its `cache_folder` looks for, so it skips encoding like our warm run does."""
     import numpy as np
@@ -138,8 +111,9 @@ def fill_peer_cache(args, dataset, model, corpus: list[str], pairs: list[tuple[s
                                           show_progress=False)
     if ours.cache != "hit" or status != "hit":
         raise SystemExit("peer --reuse: our cold run's cache is missing; run ours-cold first with the same --cache-dir")
-    peer_corpus = list(dict.fromkeys(corpus + [p[1] for p in pairs]))
-    peer_queries = list(dict.fromkeys(p[0] for p in pairs))
+    pairs, corpus = peer_inputs(dataset)
+    peer_corpus = list(dict.fromkeys([*corpus, *pairs["positive"]]))
+    peer_queries = list(dict.fromkeys(pairs["query"]))
     row_of_text = {text: row for row, text in enumerate(ours.texts)}
     query_row = {text: row for row, text in enumerate(query_texts)}
     folder.mkdir(parents=True, exist_ok=True)
@@ -150,74 +124,64 @@ def fill_peer_cache(args, dataset, model, corpus: list[str], pairs: list[tuple[s
 
 
 def run_peer(args, dataset, model, peer_cache: str | None = None) -> dict:
-    from datasets import Dataset
-    from sentence_transformers.util import mine_hard_negatives as peer_mine
-
-    pairs, corpus = peer_inputs(dataset)
-    table = Dataset.from_dict({"query": [p[0] for p in pairs], "positive": [p[1] for p in pairs]})
-    out = peer_mine(table, model, anchor_column_name="query", positive_column_name="positive", corpus=corpus,
-                    range_min=args.rank_start, range_max=args.rank_end, relative_margin=round(1 - args.margin, 6),
-                    num_negatives=args.negatives, sampling_strategy="top", output_format="n-tuple",
-                    output_scores=True, batch_size=args.batch_size, use_faiss=True, verbose=True,
-                    cache_folder=peer_cache)
+    table, corpus = peer_inputs(dataset)
+    with contextlib.redirect_stdout(io.StringIO()) as log:  # what the peer prints: the tail goes in the table
+        out = mine_peer(table, corpus, model, rank_start=args.rank_start, rank_end=args.rank_end, margin=args.margin,
+                        negatives=args.negatives, batch_size=args.batch_size, output_scores=True, verbose=True,
+                        cache_folder=peer_cache)
     queries_in, queries_out = set(table["query"]), set(out["query"])
     scores = [row for row in out["scores"]]
     negatives = [s for row in scores for s in row[1:]]
     return {"rows_written": len(out), "rows_possible": len(table), "queries_in": len(queries_in),
             "queries_out": len(queries_out), "queries_dropped": len(queries_in - queries_out),
             "negative_score_mean": round(sum(negatives) / max(1, len(negatives)), 5),
-            "positive_score_mean": round(sum(row[0] for row in scores) / max(1, len(scores)), 5)}
+            "positive_score_mean": round(sum(row[0] for row in scores) / max(1, len(scores)), 5),
+            "log": [line for line in log.getvalue().splitlines() if line.strip()][-20:]}
 
 
-def worker(args) -> None:
-    """Run one method in this process and print one JSON line with its measurements."""
+def child(spec) -> dict:
+    """Run spec.method in this process (run_isolated's child); its measurements."""
     import torch
 
     from retrieval_lora.models import load_base
 
-    torch.manual_seed(args.seed)
-    dataset = load_subset(args.datasets_dir, args.dataset, args.max_queries, args.seed)
-    model = load_base("embedder", max_seq_length=args.max_seq_length, device="cpu")
+    torch.manual_seed(spec.seed)
+    dataset = load_subset(spec.datasets_dir, spec.dataset, spec.max_queries, spec.seed)
+    model = load_base("embedder", max_seq_length=spec.max_seq_length, device="cpu")
     peer_cache = None
-    if args.worker == "peer-reuse":
-        peer_cache = str(Path(args.cache_dir) / "peer")
-        pairs, corpus = peer_inputs(dataset)
-        fill_peer_cache(args, dataset, model, corpus, pairs, Path(peer_cache))
+    if spec.method == "peer-reuse":
+        peer_cache = str(Path(spec.cache_dir) / "peer")
+        fill_peer_cache(spec, dataset, model, Path(peer_cache))
     timer = EncodeTimer(model)
-    rss_before = rss_mb()
+    rss_before = status_mb("VmRSS")
     cpu_before, started = cpu_seconds(), time.perf_counter()
-    if args.worker.startswith("peer"):
-        details = run_peer(args, dataset, model, peer_cache)
+    if spec.method.startswith("peer"):
+        details = run_peer(spec, dataset, model, peer_cache)
     else:
-        details = run_ours(args, dataset, model, args.cache_dir)
+        details = run_ours(spec, dataset, model, spec.cache_dir)
     wall = time.perf_counter() - started
-    record = {"method": args.worker, "wall_seconds": round(wall, 2), "cpu_seconds": round(cpu_seconds() - cpu_before, 2),
-              "encode_seconds": round(timer.seconds, 2), "texts_encoded": timer.texts,
-              "non_encode_seconds": round(wall - timer.seconds, 2),
-              "non_encode_share_of_encode": round((wall - timer.seconds) / timer.seconds, 4) if timer.seconds else None,
-              "rss_before_mb": round(rss_before, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-              "peak_rss_over_before_mb": round(peak_rss_mb() - rss_before, 1), **details}
-    print("RESULT " + json.dumps(record), flush=True)
-    (Path(args.cache_dir) / f"record-{args.worker}.json").write_text(json.dumps(record))
+    return {"method": spec.method, "wall_seconds": round(wall, 2), "cpu_seconds": round(cpu_seconds() - cpu_before, 2),
+            "encode_seconds": round(timer.seconds, 2), "texts_encoded": timer.texts,
+            "non_encode_seconds": round(wall - timer.seconds, 2),
+            "non_encode_share_of_encode": round((wall - timer.seconds) / timer.seconds, 4) if timer.seconds else None,
+            "rss_before_mb": round(rss_before, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_over_before_mb": round(peak_rss_mb() - rss_before, 1), **details}
 
 
 def run_method(args, method: str, cache_dir: str) -> dict:
+    """`method`'s record: measured in its own process, or the one a run with this --cache-dir kept."""
     done_record = Path(cache_dir) / f"record-{method}.json"
     if done_record.is_file():
         print(f"== {method}: reusing {done_record}", flush=True)
         return json.loads(done_record.read_text())
-    command = [sys.executable, __file__, "--worker", method, "--cache-dir", cache_dir, *args.forwarded]
-    print(f"== {method}: {' '.join(command)}", flush=True)
-    done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
-    sys.stderr.write(done.stderr[-3000:])
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{method} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    peer_log = [line for line in done.stdout.splitlines() if not line.startswith("RESULT ")]
-    record = json.loads(lines[-1][len("RESULT "):])
-    if method.startswith("peer"):
-        record["log"] = [line for line in peer_log if line.strip()][-20:]
-    print(json.dumps({k: v for k, v in record.items() if k != "log"}), flush=True)
+    print(f"== {method}", flush=True)
+    try:
+        record = run_isolated(child, {**vars(args), "method": method, "cache_dir": cache_dir})
+    except ChildFailed as failed:
+        raise SystemExit(str(failed)) from None
+    measured = json.dumps({k: v for k, v in record.items() if k != "log"})  # a reused record has no log
+    done_record.write_text(measured)
+    print(measured, flush=True)
     return record
 
 
@@ -251,14 +215,9 @@ def markdown(report: dict) -> str:
 
 
 def parse(argv: list[str] | None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="scifact", help="folder name under ../shared/datasets")
-    parser.add_argument("--datasets-dir", default=str(DATASETS), help="folder holding the BEIR datasets")
+    parser = arguments(__doc__, datasets_dir=True)
     parser.add_argument("--max-queries", type=int, default=0, help="seeded sample of train queries (0 = all)")
-    parser.add_argument("--negatives", type=int, default=4)
-    parser.add_argument("--rank-start", type=int, default=10)
-    parser.add_argument("--rank-end", type=int, default=100)
-    parser.add_argument("--margin", type=float, default=0.95)
+    add_window_flags(parser, negatives=4)
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=42)
@@ -267,23 +226,13 @@ def parse(argv: list[str] | None):
                              "the embeddings our cold run stored")
     parser.add_argument("--cache-dir", help="keep the embedding cache and per-method records here; a rerun with the "
                                             "same folder reuses finished methods (default: a temporary folder)")
-    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.forwarded = [item for name in ("datasets_dir", "dataset", "max_queries", "negatives", "rank_start", "rank_end", "margin",
-                                        "max_seq_length", "batch_size", "seed")
-                      for item in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.worker:
-        worker(args)
-        return 0
-    if not (Path(args.datasets_dir) / args.dataset / "corpus.jsonl").is_file():
-        print(f"skipped: {Path(args.datasets_dir) / args.dataset} not found (the benchmark needs ../shared/datasets/{args.dataset})")
-        return 0
-    command = "python evals/bench_mining.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    dataset_or_skip(args.dataset, args.datasets_dir)
+    command = command_line(__file__, argv)
     peer = "peer" if args.peer_encodes else "peer-reuse"
     with tempfile.TemporaryDirectory(prefix="bench-mining-cache-") as temporary:
         cache_dir = args.cache_dir or temporary
@@ -302,10 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                 "after encoding; its end-to-end time is that plus the same encoding time.")
              + " ours-warm reuses the cache ours-cold filled (no encoding).")
     report = {"dataset": args.dataset, "command": command, "setup": setup, "runs": runs,
-              "settings": {k: v for k, v in vars(args).items() if k not in ("forwarded", "worker", "cache_dir")}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"mining_{args.dataset}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"mining_{args.dataset}.md").write_text(markdown(report))
+              "settings": {k: v for k, v in vars(args).items() if k != "cache_dir"}}
+    write_results(RESULTS / f"mining_{args.dataset}", report, markdown(report))
     print(markdown(report))
     return 0
 

@@ -20,18 +20,14 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "evals"))  # bench_training: the rows it mines
+from harness import (RESULTS, arguments, command_line, dataset_or_skip, read_results, replace_row, torch_threads,
+                     write_results)
+from recipes import negatives_per_row, reranker_rows, train_ours, training_work
 
 
 def _subset(first_stage: dict, queries: int, depth: int) -> dict:
@@ -62,9 +58,8 @@ def _markdown(rows: list[dict], dataset: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__, threads=0, work="runs/bench_training")
     parser.add_argument("--name", required=True, help="a name for this probe (its row and its scratch folder)")
-    parser.add_argument("--dataset", default="scifact", help="folder name under ../shared/datasets")
     parser.add_argument("--loss", default="auto", help="reranker loss: lambda | cached-listwise | listwise | bce")
     parser.add_argument("--batch-size", type=int, default=0, help="rows per step (0 = the library's reranker default)")
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training rows")
@@ -76,49 +71,38 @@ def main() -> int:
                              "0 = all)")
     parser.add_argument("--queries", type=int, default=100, help="test queries to rescore (the first ids in order)")
     parser.add_argument("--depth", type=int, default=30, help="first-stage documents rescored per query")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    parser.add_argument("--work", default="runs/bench_training", help="bench_training's scratch folder")
     args = parser.parse_args()
+    folder = dataset_or_skip(args.dataset)
+    work = training_work(args.work, args.dataset, "rows", "first_stage.json")
 
     import torch
-    from bench_training import negatives_per_row, reranker_rows
+
     from retrieval_lora.data import load_beir
     from retrieval_lora.evaluation import rerank, score_run
     from retrieval_lora.models import DEFAULT_BASE, merged_for_inference
-    from retrieval_lora.training import TrainConfig, train_adapter
 
-    work = Path(args.work) / args.dataset
-    if not (work / "rows").is_dir() or not (work / "first_stage.json").is_file():
-        print(f"{work}: no mined rows / first stage; run `python evals/bench_training.py --dataset {args.dataset}` first")
-        return 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dataset = load_beir(ROOT.parent / "shared" / "datasets" / args.dataset)
+    torch_threads(args.threads)
+    dataset = load_beir(folder)
     subset = _subset(json.loads((work / "first_stage.json").read_text()), args.queries, args.depth)
     qrels = {q: grades for q, grades in dataset.split_qrels("test").items() if q in subset}
-    out = work / "recipes" / args.name
-    config = TrainConfig(task="reranker", loss=args.loss, batch_size=args.batch_size, epochs=args.epochs, lr=args.lr,
-                         dev_split="", output=str(out), checkpoint_steps=10_000)
     train_rows = reranker_rows(work, dataset, args.negatives, seed=42, cap=args.max_train_pairs, base=DEFAULT_BASE)
     started = time.perf_counter()
-    result = train_adapter(config, dataset, out, rows=train_rows)
+    result, config = train_ours(train_rows, dataset, work / "recipes" / args.name, task="reranker", loss=args.loss,
+                                batch_size=args.batch_size, epochs=args.epochs, lr=args.lr)
     train_seconds = time.perf_counter() - started
     with merged_for_inference(result.model):
         run = rerank(result.model, dataset, subset, k=args.depth, batch_size=64)
     losses = [entry["loss"] for entry in result.history if "loss" in entry]
-    row = {"name": args.name, "command": "python " + " ".join(sys.argv),
+    row = {"name": args.name, "command": command_line(__file__),
            "settings": {"loss": config.resolved_loss, "batch_size": config.resolved_batch_size, "epochs": args.epochs,
-                        "lr": args.lr, "negatives": negatives_per_row(train_rows), "rows": len(train_rows), "queries": len(subset),
-                        "depth": args.depth, "threads": torch.get_num_threads()},
+                        "lr": args.lr, "negatives": negatives_per_row(train_rows), "rows": len(train_rows),
+                        "queries": len(subset), "depth": args.depth, "threads": torch.get_num_threads()},
            "first_stage": score_run(qrels, subset, ("ndcg@10", "mrr@10")),
            "reranked": score_run(qrels, run, ("ndcg@10", "mrr@10")),
            "train_seconds": round(train_seconds, 1), "training_loss_first_last": [losses[:3], losses[-3:]]}
-    results = ROOT / "evals" / "results" / f"reranker_recipes_{args.dataset}.json"
-    rows = json.loads(results.read_text())["probes"] if results.is_file() else []
-    rows = [r for r in rows if r["name"] != args.name] + [row]
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({"dataset": args.dataset, "probes": rows}, indent=2) + "\n")
-    results.with_suffix(".md").write_text(_markdown(rows, args.dataset))
+    path = RESULTS / f"reranker_recipes_{args.dataset}"
+    rows = replace_row(read_results(path).get("probes", []), row, "name")
+    write_results(path, {"dataset": args.dataset, "probes": rows}, _markdown(rows, args.dataset))
     print(_markdown(rows, args.dataset))
     return 0
 

@@ -44,13 +44,7 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ROOT.parent / "shared" / "datasets"
-RESULTS = ROOT / "evals" / "results"
-sys.path.insert(0, str(ROOT))
+from harness import RESULTS, ROOT, arguments, command_line, dataset_or_skip, write_results
 
 KEY = "sk-bench-0123456789abcdef"
 SCENARIOS = [("plain", 0), ("adapters", 1), ("adapters", 4), ("adapters", 16), ("peft", 16)]  # (server, adapters)
@@ -58,8 +52,7 @@ TARGET_LOSS = 0.15
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="scifact", help="BEIR folder name under ../shared/datasets")
+    parser = arguments(__doc__)
     parser.add_argument("--concurrency", type=int, default=8, help="client threads sending at once")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all scenarios")
     parser.add_argument("--seconds", type=float, default=25.0, help="time bound per scenario and round")
@@ -77,11 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- setup ---------------------------------------------------------------------------------
-def load_texts(name: str, sample: int, seed: int) -> tuple[list[str], list[str]]:
-    """(queries, documents): seeded samples of the dataset's queries and corpus texts."""
+def load_texts(folder: Path, sample: int, seed: int) -> tuple[list[str], list[str]]:
+    """(queries, documents): seeded samples of the BEIR dataset's queries and corpus texts."""
     from retrieval_lora.data import load_beir
 
-    dataset = load_beir(DATASETS / name)
+    dataset = load_beir(folder)
     rng = random.Random(seed)
     queries = sorted(dataset.queries.values())
     documents = sorted(doc.full_text for doc in dataset.corpus.values())
@@ -269,10 +262,7 @@ def summarize(runs: dict[tuple[str, str, int], list[dict]]) -> list[dict]:
     return rows
 
 
-def write_report(rows: list[dict], meta: dict, output: Path) -> None:
-    from retrieval_lora.manifest import write_json_atomic, write_text_atomic
-
-    write_json_atomic(output.with_suffix(".json"), {**meta, "results": rows})
+def _markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# Serving benchmark ({meta['dataset']}, {meta['cpu_count']} CPU cores, {meta['device']})", "",
              f"Command: `{meta['command']}`", "",
              f"Load average before/after: {meta['loadavg_before']} / {meta['loadavg_after']} (shared machine).",
@@ -302,16 +292,13 @@ def write_report(rows: list[dict], meta: dict, output: Path) -> None:
                 f"{100 * (1 - r['throughput_vs_base']):+.1f}% loss -> "
                 f"{'met' if 1 - r['throughput_vs_base'] <= TARGET_LOSS else 'NOT met'}"
                 for r in rows if r["adapters"] == 16 and r["server"] == "adapters"]]
-    write_text_atomic(output.with_suffix(".md"), "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers
-    if not (DATASETS / args.dataset / "corpus.jsonl").is_file():
-        print(f"skipped: dataset {args.dataset} not found at {DATASETS / args.dataset}")
-        return 0
-    queries, documents = load_texts(args.dataset, args.sample, args.seed)
+    queries, documents = load_texts(dataset_or_skip(args.dataset), args.sample, args.seed)
     loadavg_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         tmp_path = Path(tmp)
@@ -347,15 +334,14 @@ def main(argv: list[str] | None = None) -> int:
                 except subprocess.TimeoutExpired:
                     process.kill()
     rows = summarize(runs)
-    flags = " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": f"nice -n 10 python evals/bench_serving.py {flags}",
+    meta = {"command": command_line(__file__, argv, prefix="nice -n 10 python"),
             "dataset": args.dataset, "cpu_count": os.cpu_count(), "device": "CPU", "concurrency": args.concurrency,
             "threads": args.threads, "embed_batch": args.embed_batch, "rerank_docs": args.rerank_docs,
             "max_seq_length": args.max_seq_length,
             "rounds": args.rounds, "seconds": args.seconds, "max_requests": args.max_requests,
             "loadavg_before": [round(x, 2) for x in loadavg_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()], "sample": args.sample, "seed": args.seed}
-    write_report(rows, meta, Path(args.output))
+    write_results(Path(args.output), {**meta, "results": rows}, _markdown(rows, meta), sort_keys=True)
     print(Path(args.output).with_suffix(".md").read_text())
     return 0
 

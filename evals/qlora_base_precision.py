@@ -16,31 +16,25 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import arguments, command_line, dataset_or_skip, torch_threads, write_results
+
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="scifact", help="folder name under ../shared/datasets")
+    parser = arguments(__doc__, threads=0, work="runs/bench_training")
     parser.add_argument("--adapter", default=None,
                         help="QLoRA adapter folder (default: <work>/<dataset>/qlora/adapter)")
-    parser.add_argument("--work", default="runs/bench_training", help="bench_training's scratch folder")
     parser.add_argument("--split", default="test", help="qrels split to score")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--cache-dir", default="data/cache/embeddings",
                         help="embedding cache for the two bases alone (keyed by the model's exact weights)")
     parser.add_argument("--out", default="evals/results", help="folder for qlora_base_precision_<dataset>.json")
     args = parser.parse_args()
-
-    import torch
+    folder = dataset_or_skip(args.dataset)
 
     from retrieval_lora.data import load_beir
     from retrieval_lora.embedding_cache import EmbeddingCache
@@ -48,8 +42,7 @@ def main() -> int:
     from retrieval_lora.evaluation.metrics import compare_runs
     from retrieval_lora.models import load_adapter, load_base, merged_for_inference, read_adapter_metadata
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch_threads(args.threads)
     adapter = Path(args.adapter or Path(args.work) / args.dataset / "qlora" / "adapter")
     if not adapter.is_dir():
         print(f"{adapter}: no adapter; run `python evals/bench_training.py --dataset {args.dataset} --variants qlora` first")
@@ -58,7 +51,7 @@ def main() -> int:
     if metadata.task != "embedder" or not metadata.qlora:
         print(f"{adapter}: a {metadata.task} adapter, qlora={metadata.qlora}; this script compares QLoRA embedders")
         return 1
-    dataset = load_beir(ROOT.parent / "shared" / "datasets" / args.dataset)
+    dataset = load_beir(folder)
     qrels = dataset.split_qrels(args.split)
     runs, rows = {}, []
     for precision, qlora in (("float32", False), ("4-bit NF4", True)):
@@ -80,14 +73,14 @@ def main() -> int:
                           candidate_name="as served (float32 base)")
     result = {
         "dataset": args.dataset, "split": args.split, "adapter": str(adapter), "queries": len(qrels),
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": command_line(__file__),
         "rows": [{"model": name, **scores[name], "seconds": round(seconds, 1)} for name, seconds in rows],
         "served_vs_trained": {m: {"as_trained": r.baseline, "as_served": r.candidate, "delta": r.delta,
                                   "p_value": r.p_value, "wins": r.wins, "losses": r.losses, "ties": r.ties}
                               for m, r in paired.metrics.items()},
     }
     out = Path(args.out) / f"qlora_base_precision_{args.dataset}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(out, result)
     print(f"{args.dataset} {args.split} ({len(qrels)} queries), adapter {adapter}")
     print("| model | " + " | ".join(METRICS) + " | seconds |")
     print("|---|" + "---|" * (len(METRICS) + 1))
