@@ -2,14 +2,17 @@
 
 Loads the base once per task (embedder, reranker), then the adapters of the registry on first
 use (or at start with --preload). Endpoints: POST /v1/embeddings (OpenAI-compatible),
-POST /v1/rerank (Cohere/Jina-compatible), GET /v1/models, GET /health. `model` is an adapter
-name (its promoted version, followed live), NAME@N (pinned) or the base's name.
+POST /v1/rerank (Cohere/Jina-compatible), GET /v1/models, GET /health (alive), GET /ready (bases
+loaded), GET /metrics (Prometheus). `model` is an adapter name (its promoted version, followed
+live), NAME@N (pinned) or the base's name. The server listens at once and loads in the
+background: /ready answers 503 until the bases and --preload adapters are in memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import threading
 
 from retrieval_lora.cli import build_parser as build_config_parser
 from retrieval_lora.cli import config_from_args, run_cli
@@ -38,38 +41,55 @@ def build_parser() -> argparse.ArgumentParser:
                                choices={"mixed_lora": MIXED_LORA})
 
 
-def build_service(config: ServeConfig) -> RetrievalService:
+def build_service(config: ServeConfig, *, start: bool = True) -> RetrievalService:
     """The service for `config` (a `ServeConfig` is its `ServiceConfig`), serving the registry at
-    `config.registry_dir`, with the bases of `config.tasks` and the `config.preload` adapters in memory.
+    `config.registry_dir`; with `start`, the bases of `config.tasks` and the `config.preload`
+    adapters are loaded before it returns (the server itself loads them in the background).
 
     Raises:
         AdapterError, ServingError, InvalidRequest: a base or preloaded adapter cannot be loaded.
     """
     service = RetrievalService(RegistrySource(Registry(config.registry_dir)), config)
-    service.start(config.task_list, config.preload_list)
+    if start:
+        service.start(config.task_list, config.preload_list)
     return service
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
     import uvicorn
 
     config: ServeConfig = config_from_args(ServeConfig, build_parser().parse_args(argv))
     keys = KeyRing(config.keys) if config.keys else None
     if keys is None:
         print("warning: no --keys file: every client on this machine may use every model", flush=True)
-    if config.threads is not None:
-        import torch
-
-        torch.set_num_threads(config.threads)
+    torch.set_num_threads(config.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    service = build_service(config)
+    service = build_service(config, start=False)
+    server = uvicorn.Server(uvicorn.Config(create_app(service, keys, config.limits), host=config.host,
+                                           port=config.port, log_level="warning"))
+    failure: list[BaseException] = []
+    loader = threading.Thread(target=_start, args=(service, config, server, failure), name="load-bases", daemon=True)
     print(f"Serving base {service.base_name!r} and the adapters of {config.registry_dir} on "
-          f"http://{config.host}:{config.port}", flush=True)
+          f"http://{config.host}:{config.port} (torch threads: {config.threads}); loading, see /ready", flush=True)
+    loader.start()
     try:
-        uvicorn.run(create_app(service, keys, config.limits), host=config.host, port=config.port, log_level="warning")
+        server.run()
     finally:
         service.close()
+    if failure:
+        raise failure[0]
     return 0
+
+
+def _start(service: RetrievalService, config: ServeConfig, server, failure: list[BaseException]) -> None:
+    """Load the bases and preloaded adapters; on failure stop the server (main raises the error)."""
+    try:
+        service.start(config.task_list, config.preload_list)
+        logging.getLogger(__name__).info("ready: bases %s, preloaded %s", config.task_list, config.preload_list or "none")
+    except BaseException as exc:  # noqa: BLE001 - reported by main once the server stopped
+        failure.append(exc)
+        server.should_exit = True
 
 
 if __name__ == "__main__":

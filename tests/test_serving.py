@@ -22,7 +22,8 @@ from retrieval_lora.models import (
 )
 from retrieval_lora.registry import DEFAULT_REGISTRY, REGISTRY_ENV, Registry
 from retrieval_lora.serving import (
-    Embedder, InvalidRequest, Limits, ModelNotFound, Reranker, RetrievalService, ServeConfig, ServiceConfig,
+    Embedder, InvalidRequest, Limits, ModelNotFound, Overloaded, Reranker, RetrievalService, ServeConfig,
+    ServiceConfig,
 )
 from retrieval_lora.serving.auth import KeyRing, parse_keys
 from retrieval_lora.serving.batcher import Batcher
@@ -57,9 +58,12 @@ def build_adapters(root: Path) -> dict[str, Path]:
     return folders
 
 
+PASSED = {"passed": True, "reasons": ["test adapter"]}
+
+
 def register(registry: Registry, name: str, folder: Path) -> int:
-    """Register and promote; returns the new version number."""
-    version = registry.register(name, folder)
+    """Register (with a passed gate decision) and promote; returns the new version number."""
+    version = registry.register(name, folder, decision=PASSED)
     registry.promote(name, version.version)
     return version.version
 
@@ -153,7 +157,8 @@ def test_in_flight_request_keeps_its_version_through_promotion_and_eviction(tmp_
     registry = Registry(tmp_path / "registry")
     register(registry, "live", adapter_folders["emb-a"])
     register(registry, "other", adapter_folders["emb-b"])
-    service = RetrievalService(RegistrySource(registry), max_seq_length=MAX_LEN, max_loaded_adapters=1)
+    service = RetrievalService(RegistrySource(registry), max_seq_length=MAX_LEN, max_loaded_adapters=2,
+                               adapter_wait_s=0.2)
     try:
         first = service.open("live", "embedder")  # a request in flight on version 1
         assert first.model == "live@1"
@@ -161,18 +166,90 @@ def test_in_flight_request_keeps_its_version_through_promotion_and_eviction(tmp_
         second = service.open("live", "embedder")
         assert second.model == "live@2"
         slot = first.slot
-        assert slot.loaded() == ["live@1", "live@2"]  # over the limit of 1: v1 is leased, so it stays
+        assert slot.loaded() == ["live@1", "live@2"]  # both leased: the cap of 2 is full
+        with pytest.raises(Overloaded, match="all 2 adapter places .* max_loaded_adapters"):
+            service.open("other", "embedder")  # a hard cap: nothing idle to unload, so it waits, then 503
         v1, _ = slot.run(TEXTS, [first.adapter_name] * len(TEXTS))
         v2, _ = slot.run(TEXTS, [second.adapter_name] * len(TEXTS))
         np.testing.assert_allclose(v1, references["emb-a"], atol=1e-5, rtol=0)
         np.testing.assert_allclose(v2, references["emb-a-v2"], atol=1e-5, rtol=0)
         service.release(first)
-        service.release(second)
         np.testing.assert_allclose(service.embed("other", TEXTS).vectors, references["emb-b"], atol=1e-5, rtol=0)
-        assert slot.loaded() == ["other@1"] and slot.stats.unloads == 2  # idle versions evicted, LRU first
-        np.testing.assert_allclose(service.embed("live", TEXTS).vectors, v2, atol=1e-6, rtol=0)  # reload is exact
+        assert slot.loaded() == ["live@2", "other@1"] and slot.stats.unloads == 1  # the idle v1 made room
+        service.release(second)
+        np.testing.assert_allclose(service.embed("live", TEXTS).vectors, v2, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(service.embed("live@1", TEXTS).vectors, v1, atol=1e-6, rtol=0)  # reload is exact
+        assert slot.loaded() == ["live@2", "live@1"] and slot.stats.unloads == 2
     finally:
         service.close()
+
+
+def test_max_loaded_adapters_is_never_exceeded_under_concurrent_requests(tmp_path, adapter_folders) -> None:
+    """7 adapters requested at once with a cap of 2: memory never holds more than 2, and every request is served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    registry = Registry(tmp_path / "registry")
+    names = [f"tenant-{i}" for i in range(7)]
+    for index, name in enumerate(names):
+        register(registry, name, adapter_folders[["emb-a", "emb-b", "emb-a-v2"][index % 3]])
+    service = RetrievalService(RegistrySource(registry), max_seq_length=MAX_LEN, max_loaded_adapters=2,
+                               adapter_wait_s=60)
+    slot = service.pool.base_slot("embedder", DEFAULT_BASE)
+    most = []
+    real_load = slot._load
+
+    def counting_load(ref, key):  # called with the model lock held, right before an adapter is added
+        most.append(len(slot.loaded()) + 1)
+        return real_load(ref, key)
+
+    slot._load = counting_load
+    try:
+        with ThreadPoolExecutor(7) as pool:
+            results = list(pool.map(lambda name: service.embed(name, TEXTS[:2]), names * 2))
+        assert [result.model for result in results] == [f"{name}@1" for name in names * 2]
+        assert max(most) <= 2 and len(slot.loaded()) <= 2
+        assert len(transformer_of(slot.model).peft_config) <= 2  # PEFT's own count: the weights really left
+    finally:
+        service.close()
+
+
+def test_a_failing_shared_pass_is_rerun_request_by_request(service, references) -> None:
+    """A row the tokenizer rejects (smuggled past the Unicode check) fails only its own request."""
+    slot = service.pool.base_slot("embedder", DEFAULT_BASE)
+    batcher = service._batcher(slot)
+    before = batcher.stats.isolated_failures
+    with slot._model:  # hold the model so all three jobs land in one shared pass
+        good = [batcher.submit(TEXTS, [BASE_ADAPTER] * len(TEXTS), "b") for _ in range(2)]
+        poison = batcher.submit(["fine", "\ud800"], [BASE_ADAPTER] * 2, "a")
+    with pytest.raises(TypeError):
+        poison.result(timeout=60)
+    for future in good:
+        np.testing.assert_allclose(future.result(timeout=60)[0], references["base-embedder"], atol=1e-5, rtol=0)
+    assert batcher.stats.isolated_failures == before + 1
+
+
+@pytest.mark.parametrize("call, where", [
+    (lambda s: s.embed(DEFAULT_BASE, ["ok", "bad \ud800 text"]), "'input\\[1\\]' is not valid Unicode"),
+    (lambda s: s.rerank("acme-rerank", "q \udfff", ["d"]), "'query' is not valid Unicode"),
+    (lambda s: s.rerank("acme-rerank", "q", ["d", "e", "\ud83d"]), "'documents\\[2\\]' is not valid Unicode"),
+])
+def test_text_that_is_not_valid_unicode_is_refused_before_it_is_queued(service, call, where) -> None:
+    with pytest.raises(InvalidRequest, match=where) as caught:
+        call(service)
+    assert caught.value.code == "invalid_text" and caught.value.status == 400
+
+
+def test_truncate_false_refuses_rows_longer_than_the_model_reads(service) -> None:
+    long_text = "word " * 100  # far more than MAX_LEN tokens
+    cut = service.embed(DEFAULT_BASE, [long_text]).vectors
+    assert cut.shape == (1, 384)  # truncate=True (default) cuts it
+    with pytest.raises(InvalidRequest, match=r"'input\[1\]' is 102 tokens; model .* reads at most 32") as caught:
+        service.embed(DEFAULT_BASE, ["short", long_text], truncate=False)
+    assert caught.value.code == "input_too_long"
+    with pytest.raises(InvalidRequest, match=r"'query' with 'documents\[0\]' is \d+ tokens"):
+        service.rerank("acme-rerank", "q", [long_text], truncate=False)
+    np.testing.assert_array_equal(service.embed(DEFAULT_BASE, ["short"], truncate=False).vectors,
+                                  service.embed(DEFAULT_BASE, ["short"]).vectors)
 
 
 def test_python_api_shares_the_service_and_matches_it(service, adapter_folders, references) -> None:
@@ -240,6 +317,8 @@ def test_limits_name_the_setting_to_change() -> None:
     limits = Limits(max_inputs=2, max_documents=3, max_input_chars=10)
     limits.check_inputs(["a", "b"])
     for texts, message in [([], "'input' is empty"), (["a"] * 3, "at most 2 per request \\(max_inputs\\)"),
+                           (["a", ""], "'input\\[1\\]' is empty or only whitespace"),
+                           ([" \n\t "], "'input\\[0\\]' is empty or only whitespace"),
                            (["a", "x" * 11], "'input\\[1\\]' has 11 characters; the limit is 10 \\(max_input_chars\\)")]:
         with pytest.raises(InvalidRequest, match=message):
             limits.check_inputs(texts)
@@ -247,6 +326,10 @@ def test_limits_name_the_setting_to_change() -> None:
         limits.check_rerank("q", ["d"] * 4)
     with pytest.raises(InvalidRequest, match="'query' has 11 characters"):
         limits.check_rerank("q" * 11, ["d"])
+    with pytest.raises(InvalidRequest, match="'query' is empty or only whitespace"):
+        limits.check_rerank("  ", ["d"])
+    with pytest.raises(InvalidRequest, match="'documents\\[1\\]' is empty or only whitespace"):
+        limits.check_rerank("q", ["d", ""])
 
 
 def test_serve_config_from_flags_and_its_validation() -> None:

@@ -84,9 +84,13 @@ class Embedder(_Client):
         super().__init__(model, registry=registry, adapter_dir=adapter_dir, service=service, config=config,
                          settings=settings)
 
-    def encode(self, texts: str | list[str]) -> np.ndarray:
-        """(n, dim) float32 unit vectors for `texts` (a single string gives shape (1, dim))."""
-        return self.service.embed(self.model, [texts] if isinstance(texts, str) else list(texts)).vectors
+    def encode(self, texts: str | list[str], *, truncate: bool = True) -> np.ndarray:
+        """(n, dim) float32 unit vectors for `texts` (a single string gives shape (1, dim)).
+
+        `truncate=False` raises InvalidRequest for a text longer than the model reads, instead of cutting it.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.service.embed(self.model, texts, truncate=truncate).vectors
 
 
 class Reranker(_Client):
@@ -101,14 +105,15 @@ class Reranker(_Client):
         super().__init__(model, registry=registry, adapter_dir=adapter_dir, service=service, config=config,
                          settings=settings)
 
-    def rerank(self, query: str, documents: list[str], top_n: int | None = None) -> list[Ranked]:
+    def rerank(self, query: str, documents: list[str], top_n: int | None = None, *,
+               truncate: bool = True) -> list[Ranked]:
         """`documents` by relevance to `query`, best first, each with index, score and text."""
-        ranking = self.service.rerank(self.model, query, list(documents), top_n)
+        ranking = self.service.rerank(self.model, query, list(documents), top_n, truncate=truncate)
         return [Ranked(hit.index, hit.relevance_score, documents[hit.index]) for hit in ranking.results]
 
-    def score(self, query: str, documents: list[str]) -> np.ndarray:
+    def score(self, query: str, documents: list[str], *, truncate: bool = True) -> np.ndarray:
         """Relevance scores of `documents` for `query`, in input order (float32)."""
-        ranking = self.service.rerank(self.model, query, list(documents))
+        ranking = self.service.rerank(self.model, query, list(documents), truncate=truncate)
         scores = np.zeros(len(documents), dtype=np.float32)
         for hit in ranking.results:
             scores[hit.index] = hit.relevance_score

@@ -32,44 +32,52 @@ MIXED_LORA = ("grouped", "peft")  # how a forward pass mixes adapters (see pool.
 
 @dataclass
 class Limits:
-    """Per-request bounds; each violation is a 400 whose message names the setting to raise."""
+    """Per-request bounds; each violation is a 400 (413 for the body) whose message names the setting to raise."""
 
     max_inputs: int = field(256, "most texts in one /v1/embeddings request")
     max_documents: int = field(1000, "most documents in one /v1/rerank request")
     max_input_chars: int = field(20000, "longest text (input, query or document) in characters; longer ones are "
                                         "refused, not cut. The model itself reads at most max_seq_length tokens")
-    max_body_bytes: int = field(16_000_000, "largest request body in bytes (413 above it)")
+    max_body_bytes: int = field(16_000_000, "largest request body in bytes, counted while it is read, chunked or "
+                                            "not (413 above it)")
+    request_timeout_s: float = field(30.0, "longest a request may wait for and run its forward passes before it "
+                                           "is answered 503 (code timeout) and its queued rows are dropped")
 
     def __post_init__(self) -> None:
         bad = [f"{name}={getattr(self, name)}" for name in ("max_inputs", "max_documents", "max_input_chars",
                                                              "max_body_bytes") if getattr(self, name) < 1]
+        if self.request_timeout_s <= 0:
+            bad.append(f"request_timeout_s={self.request_timeout_s}")
         if bad:
-            raise ConfigError(f"limits must be >= 1: {', '.join(bad)}")
+            raise ConfigError(f"limits must be >= 1 (request_timeout_s > 0): {', '.join(bad)}")
 
     def check_inputs(self, texts: list[str]) -> None:
-        """Raise InvalidRequest if an embeddings request has no text, too many, or one too long."""
+        """Raise InvalidRequest if an embeddings request has no text, too many, an empty or too long one."""
         if not texts:
             raise InvalidRequest("'input' is empty: send a string or a non-empty list of strings", code="empty_input")
         if len(texts) > self.max_inputs:
             raise InvalidRequest(f"'input' has {len(texts)} texts; this server accepts at most {self.max_inputs} "
                                  "per request (max_inputs): split the batch", code="too_many_inputs")
-        self._check_lengths(texts, "input")
+        self._check_texts(texts, "input")
 
     def check_rerank(self, query: str, documents: list[str]) -> None:
-        """Raise InvalidRequest if a rerank request has no documents, too many, or a text too long."""
+        """Raise InvalidRequest if a rerank request has no documents, too many, or an empty or too long text."""
         if not documents:
             raise InvalidRequest("'documents' is empty: send at least one document", code="empty_input")
         if len(documents) > self.max_documents:
             raise InvalidRequest(f"'documents' has {len(documents)} entries; this server reranks at most "
                                  f"{self.max_documents} per request (max_documents): split them or pre-filter "
                                  "with /v1/embeddings", code="too_many_documents")
-        self._check_lengths([query], "query")
-        self._check_lengths(documents, "documents")
+        self._check_texts([query], "query")
+        self._check_texts(documents, "documents")
 
-    def _check_lengths(self, texts: list[str], what: str) -> None:
+    def _check_texts(self, texts: list[str], what: str) -> None:
         for index, text in enumerate(texts):
+            where = what if what == "query" else f"{what}[{index}]"
+            if not text.strip():  # as OpenAI: an empty text has no meaning to embed
+                raise InvalidRequest(f"'{where}' is empty or only whitespace: send text, or leave it out",
+                                     code="empty_input")
             if len(text) > self.max_input_chars:
-                where = what if what == "query" else f"{what}[{index}]"
                 raise InvalidRequest(f"'{where}' has {len(text)} characters; the limit is {self.max_input_chars} "
                                      "(max_input_chars): shorten or chunk it", code="input_too_long")
 
@@ -84,7 +92,14 @@ class ServiceConfig:
     max_seq_length: int | None = field(None, "truncate inputs to this many tokens; empty: the base's own limit")
     batch_size: int = field(32, "most rows (texts or query-document pairs) in one forward pass")
     batch_wait_ms: float = field(2.0, "how long the batcher waits for more requests before a forward pass")
-    max_loaded_adapters: int = field(64, "adapters kept in memory per base; the least recently used idle one goes first")
+    max_loaded_adapters: int = field(64, "most adapters in memory per base (a hard cap): the least recently used "
+                                         "idle one is unloaded before another loads")
+    adapter_wait_s: float = field(10.0, "how long a request for an adapter not in memory waits for a place when "
+                                        "all max_loaded_adapters are in use by requests in flight (then 503)")
+    max_queued_rows: int = field(2048, "most rows (texts or query-document pairs) waiting per base for a forward "
+                                       "pass; requests beyond it get 503 with Retry-After")
+    max_queued_rows_per_tenant: int = field(512, "most rows one tenant (API key's tenant) may have waiting per "
+                                                 "base; beyond it 429 with Retry-After, while other tenants are served")
     mixed_lora: str = field("grouped", "how a pass mixes adapters: 'grouped' (rows grouped per adapter, LoRA added in "
                                        "place; measured faster) or 'peft' (PEFT's adapter_names path)")
 
@@ -102,8 +117,11 @@ class ServiceConfig:
             problems.append(f"batch_wait_ms={self.batch_wait_ms}: must be >= 0")
         if self.mixed_lora not in MIXED_LORA:
             problems.append(f"mixed_lora={self.mixed_lora!r}: use 'grouped' or 'peft'")
-        if self.max_loaded_adapters < 1:
-            problems.append(f"max_loaded_adapters={self.max_loaded_adapters}: must be >= 1")
+        for name in ("max_loaded_adapters", "max_queued_rows", "max_queued_rows_per_tenant"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.adapter_wait_s < 0:
+            problems.append(f"adapter_wait_s={self.adapter_wait_s}: must be >= 0")
         return problems
 
 
@@ -135,8 +153,9 @@ class ServeConfig(ServiceConfig):
     port: int = field(8000, "port to listen on")
     preload: str = field("", "comma-separated adapter specs (name or name@N) to load at start instead of on first use")
     tasks: str = field("embedder,reranker", "which base models to load at start: embedder, reranker or both")
-    threads: int | None = field(None, "torch CPU threads; empty: torch's default (one per core). 1 is faster on "
-                                      "a machine shared with other busy processes")
+    threads: int = field(1, "torch CPU threads for forward passes. 1 was measured fastest on a machine shared "
+                            "with other busy processes (torch's own default, one per core, ran 10-20x slower "
+                            "there); on a machine of its own give the server the cores it may use")
     # prefix "": the limits keep their flat flags (--max-documents, not --limits-max-documents).
     # Written as metadata so it holds whether or not `config.field` takes `prefix=` itself.
     limits: Limits = dataclasses.field(default_factory=Limits, metadata={"help": "per-request limits", "prefix": ""})
@@ -148,7 +167,7 @@ class ServeConfig(ServiceConfig):
 
     def _problems(self) -> list[str]:
         problems = super()._problems()
-        if self.threads is not None and self.threads < 1:
+        if self.threads < 1:
             problems.append(f"threads={self.threads}: must be >= 1")
         if set(self.task_list) - {"embedder", "reranker"}:
             problems.append(f"tasks={self.tasks!r}: use embedder, reranker or both (comma-separated)")

@@ -14,7 +14,14 @@ Status semantics (documented in the README):
   no such version, or nothing promoted for a bare name.
 - 400 `invalid_request` / limit codes: malformed body, wrong endpoint for the model's task,
   or a request over a limit (the message names the limit, the value and the setting).
-- 413 `request_too_large`: the body is larger than `max_body_bytes`.
+- 413 `request_too_large`: the body is larger than `max_body_bytes` (counted while it is read,
+  whatever the transfer encoding, so an oversized chunked body is never held in memory).
+- 429 `tenant_over_limit`: this tenant already has `max_queued_rows_per_tenant` rows waiting;
+  other tenants are still served. `Retry-After` says when to try again.
+- 503 `overloaded`: the server's queue holds `max_queued_rows` rows, or every one of the
+  `max_loaded_adapters` places is in use by requests in flight; `timeout`: the request waited
+  longer than `request_timeout_s`. Both carry `Retry-After`.
+- 500 `server_error`: a bug; only the request that hit it fails, and its connection stays open.
 """
 
 from __future__ import annotations
@@ -28,10 +35,11 @@ class ServingError(RetrievalLoraError):
     status = 500
     code = "server_error"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
+        self.retry_after_s = retry_after_s  # sent as the Retry-After header (whole seconds, at least 1)
 
 
 class InvalidRequest(ServingError):
@@ -57,3 +65,15 @@ class ModelNotFound(ServingError):
 class RequestTooLarge(ServingError):
     status = 413
     code = "request_too_large"
+
+
+class TenantOverLimit(ServingError):
+    status = 429
+    code = "tenant_over_limit"
+
+
+class Overloaded(ServingError):
+    """The server cannot take the request now (queue full, adapter places busy, timed out)."""
+
+    status = 503
+    code = "overloaded"

@@ -11,18 +11,24 @@ adapter lora_batch.py cannot apply (see there), uses PEFT's own mixed-batch path
 Both are inference only.
 
 Leases keep an adapter version in memory while a request that resolved to it is in flight, so
-a promotion or eviction never changes the weights under a running request. Beyond
-`max_loaded_adapters` the least recently used adapter without leases is unloaded.
+a promotion or eviction never changes the weights under a running request. `max_loaded_adapters`
+is a hard cap: before an adapter loads, the least recently used adapters without leases are
+unloaded to make room; when every place is leased, the request waits up to `adapter_wait_s`
+for one to be released, then gets `Overloaded` (503). So memory never holds more, except with
+`max_loaded_adapters=1`, where the one adapter is unloaded just after its successor loaded
+(a PEFT model cannot run with no adapter at all).
 
-Threading: `_state` guards the bookkeeping (fast); `_model` serializes everything that runs or
-changes the model (forward passes, loading, unloading), because PEFT's modules are not safe to
-mutate during a forward pass.
+Threading: `_state` guards the bookkeeping (fast; `_released` is its condition, notified when a
+lease ends); `_model` serializes everything that runs or changes the model (forward passes,
+loading, unloading), because PEFT's modules are not safe to mutate during a forward pass. A
+request waiting for an adapter place holds neither lock while it waits.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +37,12 @@ import numpy as np
 import torch
 from peft import PeftModel
 from sentence_transformers.util import batch_to_device
+from tokenizers import Tokenizer
 
 from retrieval_lora.errors import AdapterError
 from retrieval_lora.models import AdapterMetadata, RetrievalModel, base_fingerprint, load_adapter, load_base, transformer_of
 from retrieval_lora.serving.config import ServiceConfig
+from retrieval_lora.serving.errors import Overloaded
 from retrieval_lora.serving.lora_batch import grouped_lora, row_groups, supports_grouped
 
 BASE_ADAPTER = "__base__"  # PEFT's reserved per-row name for "no adapter"
@@ -72,60 +80,97 @@ class SlotStats:
     loads: int = 0
     unloads: int = 0
     passes_by_adapters: dict[int, int] = field(default_factory=dict)
+    passes_by_rows: dict[int, int] = field(default_factory=dict)
 
 
 class BaseSlot:
     """A loaded base model for one task plus the adapters loaded onto it.
 
-    `max_loaded_adapters` and `mixed_lora` have no defaults here: they come from a validated
-    `ServiceConfig` (via `AdapterPool`), the one place serving's defaults are defined.
+    `max_loaded_adapters`, `adapter_wait_s` and `mixed_lora` have no defaults here: they come
+    from a validated `ServiceConfig` (via `AdapterPool`), the one place serving's defaults are defined.
     """
 
     def __init__(self, task: str, base: str, model: RetrievalModel, *, max_loaded_adapters: int,
-                 mixed_lora: str) -> None:
+                 adapter_wait_s: float, mixed_lora: str) -> None:
         self.task = task
         self.base = base
         self.model = model
         self.fingerprint = base_fingerprint(model)
         self.max_loaded_adapters = max_loaded_adapters
+        self.adapter_wait_s = adapter_wait_s
         self.mixed_lora = mixed_lora
         self.stats = SlotStats()
         self._loaded: OrderedDict[tuple[str, int], _Loaded] = OrderedDict()  # LRU order: oldest first
         self._state = threading.Lock()
+        self._released = threading.Condition(self._state)
         self._model = threading.Lock()
         self._names = (f"a{i}" for i in itertools.count(1))
+        self._counter: Tokenizer | None = None  # a private tokenizer copy, so counting never races a pass
+        self._counting = threading.Lock()
 
     def loaded(self) -> list[str]:
         """Specs (`name@version`) of the adapters in memory, least recently used first."""
         with self._state:
             return [f"{name}@{version}" for name, version in self._loaded]
 
+    @property
+    def max_tokens(self) -> int:
+        """Tokens the model reads per row; longer rows are truncated to this."""
+        return int(self.model.max_seq_length)
+
     def acquire(self, ref: AdapterRef) -> str:
         """Lease `ref` (loading it first if needed) and return its PEFT name; pair with `release`.
 
         Raises:
             AdapterError: the folder is not an adapter for this task and base.
+            Overloaded: all `max_loaded_adapters` places stayed leased for `adapter_wait_s`.
         """
         key = (ref.name, ref.version)
-        if (name := self._lease_if_loaded(key)) is not None:
-            return name
-        with self._model:
-            if (name := self._lease_if_loaded(key)) is not None:  # loaded by a concurrent request meanwhile
+        deadline = time.monotonic() + self.adapter_wait_s
+        while True:
+            if (name := self._lease_if_loaded(key)) is not None:
                 return name
-            peft_name = next(self._names)
-            try:
-                metadata = load_adapter(self.model, ref.adapter_dir, self.task, adapter_name=peft_name)
-            except AdapterError:
-                self._drop_partial(peft_name)
-                raise
-            inner = transformer_of(self.model)
-            # Mixed passes ignore the active adapter, but PEFT must never be left with a deleted one active.
-            inner.set_adapter(peft_name, inference_mode=True)
-            with self._state:
-                self._loaded[key] = _Loaded(peft_name, metadata, supports_grouped(inner, peft_name), leases=1)
-                self.stats.loads += 1
-            self._evict_idle(keep=self.max_loaded_adapters)
+            with self._model:
+                if (name := self._lease_if_loaded(key)) is not None:  # loaded by a concurrent request meanwhile
+                    return name
+                # PEFT cannot run a pass with no adapter left, so the last one goes only after its successor loaded
+                self._evict_idle(keep=max(self.max_loaded_adapters - 1, 1))
+                with self._state:
+                    full = len(self._loaded) >= self.max_loaded_adapters
+                    idle = any(loaded.leases <= 0 for loaded in self._loaded.values())
+                if not full or idle:
+                    name = self._load(ref, key)
+                    self._evict_idle(keep=self.max_loaded_adapters)  # max_loaded_adapters=1: the old one
+                    return name
+            self._wait_for_a_place(deadline)
+
+    def _load(self, ref: AdapterRef, key: tuple[str, int]) -> str:
+        """Load `ref` as a new PEFT adapter with one lease (caller holds _model and made room)."""
+        peft_name = next(self._names)
+        try:
+            metadata = load_adapter(self.model, ref.adapter_dir, self.task, adapter_name=peft_name)
+        except AdapterError:
+            self._drop_partial(peft_name)
+            raise
+        inner = transformer_of(self.model)
+        # Mixed passes ignore the active adapter, but PEFT must never be left with a deleted one active.
+        inner.set_adapter(peft_name, inference_mode=True)
+        with self._state:
+            self._loaded[key] = _Loaded(peft_name, metadata, supports_grouped(inner, peft_name), leases=1)
+            self.stats.loads += 1
         return peft_name
+
+    def _wait_for_a_place(self, deadline: float) -> None:
+        """Wait (holding no lock) until an adapter place is free or idle; Overloaded at `deadline`."""
+        with self._released:
+            while len(self._loaded) >= self.max_loaded_adapters and all(
+                    loaded.leases > 0 for loaded in self._loaded.values()):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Overloaded(f"all {self.max_loaded_adapters} adapter places of the {self.task} base are in "
+                                     f"use by requests in flight (max_loaded_adapters) for {self.adapter_wait_s:g}s; "
+                                     "retry shortly, or raise max_loaded_adapters", retry_after_s=1)
+                self._released.wait(remaining)
 
     def _drop_partial(self, peft_name: str) -> None:
         """Remove what a failed load left behind, so a damaged adapter does not linger half-injected."""
@@ -135,11 +180,22 @@ class BaseSlot:
 
     def release(self, peft_name: str) -> None:
         """End one lease taken by `acquire` (the base's name is accepted and ignored)."""
-        with self._state:
+        with self._released:
             for loaded in self._loaded.values():
                 if loaded.peft_name == peft_name:
                     loaded.leases -= 1
+                    if loaded.leases <= 0:
+                        self._released.notify_all()
                     return
+
+    def token_counts(self, inputs: list) -> list[int]:
+        """Tokens of each row before truncation (special tokens included), for `truncate=False`."""
+        with self._counting:
+            if self._counter is None:
+                self._counter = Tokenizer.from_str(self.model.tokenizer.backend_tokenizer.to_str())
+                self._counter.no_truncation()
+                self._counter.no_padding()
+            return [len(encoding.ids) for encoding in self._counter.encode_batch(inputs)]
 
     def run(self, inputs: list, adapter_names: list[str]) -> tuple[np.ndarray, list[int]]:
         """One forward pass over `inputs` (texts, or (query, document) pairs for a reranker).
@@ -192,6 +248,7 @@ class BaseSlot:
         stats.rows += len(adapter_names)
         stats.max_adapters_in_pass = max(stats.max_adapters_in_pass, distinct)
         stats.passes_by_adapters[distinct] = stats.passes_by_adapters.get(distinct, 0) + 1
+        stats.passes_by_rows[len(adapter_names)] = stats.passes_by_rows.get(len(adapter_names), 0) + 1
 
     def _lease_if_loaded(self, key: tuple[str, int]) -> str | None:
         with self._state:
@@ -222,7 +279,8 @@ class AdapterPool:
 
     def __init__(self, config: ServiceConfig) -> None:
         """Bases are loaded with `config.device` and `config.max_seq_length`; each slot keeps at most
-        `config.max_loaded_adapters` idle adapters and mixes them the `config.mixed_lora` way."""
+        `config.max_loaded_adapters` adapters (waiting `config.adapter_wait_s` for a place) and mixes
+        them the `config.mixed_lora` way."""
         self.config = config
         self._slots: dict[tuple[str, str], BaseSlot] = {}  # (task, fingerprint) -> slot
         self._by_base: dict[tuple[str, str], BaseSlot] = {}  # (task, base as named) -> slot
@@ -264,7 +322,7 @@ class AdapterPool:
             model = load_base(task, base, max_seq_length=self.config.max_seq_length, device=self.config.device)
         model.eval()
         slot = BaseSlot(task, base, model, max_loaded_adapters=self.config.max_loaded_adapters,
-                        mixed_lora=self.config.mixed_lora)
+                        adapter_wait_s=self.config.adapter_wait_s, mixed_lora=self.config.mixed_lora)
         existing = self._slots.setdefault((task, slot.fingerprint), slot)
         self._by_base[(task, base)] = existing
         return existing

@@ -4,6 +4,8 @@
   `encoding_format` "float" or "base64", `dimensions`, `user`). Token-id arrays are refused.
 - Rerank: Cohere's / Jina's `POST /v1/rerank` (`model`, `query`, `documents` as strings or
   `{"text": ...}` objects, `top_n`, `return_documents`).
+Both take `truncate` (as text-embeddings-inference does): true (default) cuts a text the model
+cannot read whole to its `max_seq_length` tokens; false answers 400 `input_too_long` instead.
 Unknown fields are ignored (clients send provider-specific extras).
 """
 
@@ -24,6 +26,7 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    truncate: bool = Field(default=True, description="cut texts longer than the model reads (false: 400 instead)")
 
     def texts(self) -> list[str]:
         """The inputs as a list of strings. Raises InvalidRequest for token-id arrays."""
@@ -48,6 +51,8 @@ class RerankRequest(BaseModel):
     documents: list[Union[str, RerankDocument]]
     top_n: int | None = Field(default=None, ge=1)
     return_documents: bool = False
+    truncate: bool = Field(default=True, description="cut query+document pairs longer than the model reads "
+                                                     "(false: 400 instead)")
 
     def document_texts(self) -> list[str]:
         return [doc if isinstance(doc, str) else doc.text for doc in self.documents]

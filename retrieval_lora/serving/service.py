@@ -10,13 +10,19 @@ base, usable for embedding and reranking; every other name is an adapter spec re
 adapter source (`name` = promoted now, `name@N` = pinned). The version is resolved once, when
 the request starts; the lease keeps that version loaded until its rows are done, so a request
 in flight during a promotion finishes on the version it started with.
+
+Every text is checked to be valid Unicode before it is queued (texts.py). Each request carries
+a tenant name (the HTTP server passes the API key's tenant; the Python API ""), which the
+batcher uses for its per-tenant queues and limits. `truncate=False` refuses (400) a row longer
+than the model reads instead of cutting it. Cancelling a returned future (a request that timed
+out) drops its rows from the queue.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +37,7 @@ from retrieval_lora.serving.config import ServiceConfig, service_config
 from retrieval_lora.serving.errors import InvalidRequest, ServingError
 from retrieval_lora.serving.pool import BASE_ADAPTER, AdapterPool, AdapterRef, BaseSlot
 from retrieval_lora.serving.sources import AdapterSource
+from retrieval_lora.serving.texts import check_texts
 
 log = logging.getLogger(__name__)
 TASK_ENDPOINT = {"embedder": "/v1/embeddings", "reranker": "/v1/rerank"}
@@ -111,25 +118,35 @@ class RetrievalService:
         self._batchers: dict[int, Batcher] = {}
         self._metadata: dict[tuple[str, int], AdapterMetadata] = {}
         self._lock = threading.Lock()
+        self._ready = threading.Event()
 
     # ---- requests ------------------------------------------------------------------------
-    def embed(self, model: str, texts: list[str]) -> Embeddings:
+    def embed(self, model: str, texts: list[str], *, truncate: bool = True) -> Embeddings:
         """Unit-norm float32 embeddings of `texts` with `model` (blocks until done)."""
-        return self.submit_embed(model, texts).result()
+        return self.submit_embed(model, texts, truncate=truncate).result()
 
-    def rerank(self, model: str, query: str, documents: list[str], top_n: int | None = None) -> Ranking:
+    def rerank(self, model: str, query: str, documents: list[str], top_n: int | None = None, *,
+               truncate: bool = True) -> Ranking:
         """`documents` ranked by relevance to `query` with `model`, best first (blocks until done)."""
-        return self.submit_rerank(model, query, documents, top_n).result()
+        return self.submit_rerank(model, query, documents, top_n, truncate=truncate).result()
 
-    def submit_embed(self, model: str, texts: list[str]) -> Future:
-        """Like `embed`, but returns a Future at once (resolving and loading happen before it returns)."""
-        return self._submit(model, "embedder", list(texts), self._embeddings)
+    def submit_embed(self, model: str, texts: list[str], *, tenant: str = "", truncate: bool = True) -> Future:
+        """Like `embed`, but returns a Future at once (resolving and loading happen before it returns).
 
-    def submit_rerank(self, model: str, query: str, documents: list[str], top_n: int | None = None) -> Future:
-        """Like `rerank`, but returns a Future of the `Ranking`."""
+        Raises (at once): InvalidRequest (a text that is not valid Unicode; with `truncate=False` one
+        longer than the model reads), ModelNotFound, Overloaded (503), TenantOverLimit (429).
+        """
+        check_texts(texts, "input")
+        return self._submit(model, "embedder", list(texts), self._embeddings, tenant, truncate, "input")
+
+    def submit_rerank(self, model: str, query: str, documents: list[str], top_n: int | None = None, *,
+                      tenant: str = "", truncate: bool = True) -> Future:
+        """Like `rerank`, but returns a Future of the `Ranking` (raises as `submit_embed`)."""
+        check_texts([query], "query")
+        check_texts(documents, "documents")
         pairs = [(query, document) for document in documents]
         return self._submit(model, "reranker", pairs, lambda target, out, tokens: Ranking(
-            target.model, rank_scores(out, top_n), tokens))
+            target.model, rank_scores(out, top_n), tokens), tenant, truncate, "documents")
 
     @contextmanager
     def lease(self, model: str, task: str) -> Iterator[Target]:
@@ -172,6 +189,7 @@ class RetrievalService:
             if ref is None:
                 raise InvalidRequest(f"cannot preload {spec!r}: this service has no adapter source")
             self.release(self.open(spec, self._metadata_of(ref).task))
+        self._ready.set()
 
     def models(self) -> list[ModelInfo]:
         """The base and every adapter name with the version a bare name resolves to now."""
@@ -186,13 +204,23 @@ class RetrievalService:
                 log.warning("leaving %s out of the model list: %s", name, exc)
         return infos
 
+    @property
+    def ready(self) -> bool:
+        """Whether `start` has loaded every base and preloaded adapter it was given."""
+        return self._ready.is_set()
+
     def health(self) -> dict:
         """Loaded bases with counters (no adapter names: /health needs no key)."""
-        return {"status": "ok", "bases": [
+        return {"status": "ok", "ready": self.ready, "bases": [
             {"task": slot.task, "base": slot.base, "adapters_loaded": len(slot.loaded()),
              "forward_passes": slot.stats.forward_passes, "rows": slot.stats.rows,
              "max_adapters_in_pass": slot.stats.max_adapters_in_pass,
              "passes_by_adapters": dict(slot.stats.passes_by_adapters)} for slot in self.pool.slots()]}
+
+    def batchers(self) -> list[Batcher]:
+        """The batchers started so far (one per loaded base that got a request)."""
+        with self._lock:
+            return list(self._batchers.values())
 
     def close(self) -> None:
         """Stop the batcher threads (queued requests finish first)."""
@@ -202,10 +230,12 @@ class RetrievalService:
             batcher.close()
 
     # ---- internals -------------------------------------------------------------------------
-    def _submit(self, model: str, task: str, rows: list, finish) -> Future:
+    def _submit(self, model: str, task: str, rows: list, finish, tenant: str, truncate: bool, what: str) -> Future:
         target = self.open(model, task)
         try:
-            inner = self._batcher(target.slot).submit(rows, [target.adapter_name] * len(rows))
+            if not truncate:
+                self._check_fits(target, rows, what)
+            inner = self._batcher(target.slot).submit(rows, [target.adapter_name] * len(rows), tenant)
         except BaseException:
             self.release(target)
             raise
@@ -213,14 +243,30 @@ class RetrievalService:
 
         def done(future: Future) -> None:
             self.release(target)
+            if result.cancelled():  # the request gave up (timed out); nobody waits for this
+                return
             try:
                 outputs, tokens = future.result()
-                result.set_result(finish(target, outputs, int(sum(tokens))))
+                value = finish(target, outputs, int(sum(tokens)))
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, never lost in the worker
-                result.set_exception(exc)
+                _settle(result, exception=exc)
+            else:
+                _settle(result, value=value)
 
         inner.add_done_callback(done)
+        result.add_done_callback(lambda future: future.cancelled() and inner.cancel())
         return result
+
+    @staticmethod
+    def _check_fits(target: Target, rows: list, what: str) -> None:
+        """With truncate=False: InvalidRequest for the first row longer than the model reads."""
+        limit = target.slot.max_tokens
+        for index, count in enumerate(target.slot.token_counts(rows)):
+            if count > limit:
+                row = f"'query' with 'documents[{index}]'" if what == "documents" else f"'{what}[{index}]'"
+                raise InvalidRequest(f"{row} is {count} tokens; model {target.model} reads at most {limit} "
+                                     "(truncate=false): shorten it, or send truncate=true to cut it",
+                                     code="input_too_long")
 
     @staticmethod
     def _embeddings(target: Target, outputs: np.ndarray, tokens: int) -> Embeddings:
@@ -230,8 +276,10 @@ class RetrievalService:
         with self._lock:
             batcher = self._batchers.get(id(slot))
             if batcher is None:
-                batcher = self._batchers[id(slot)] = Batcher(slot, batch_size=self.config.batch_size,
-                                                              wait_s=self.config.batch_wait_ms / 1000.0)
+                batcher = self._batchers[id(slot)] = Batcher(
+                    slot, batch_size=self.config.batch_size, wait_s=self.config.batch_wait_ms / 1000.0,
+                    max_queued_rows=self.config.max_queued_rows,
+                    max_queued_rows_per_tenant=self.config.max_queued_rows_per_tenant)
             return batcher
 
     def _metadata_of(self, ref: AdapterRef) -> AdapterMetadata:
@@ -242,3 +290,11 @@ class RetrievalService:
             except AdapterError as exc:
                 raise ServingError(f"model {ref.spec} cannot be loaded: {exc}", code="adapter_error") from exc
         return self._metadata[key]
+
+
+def _settle(future: Future, *, value: Any = None, exception: BaseException | None = None) -> None:
+    """Set the outcome unless the future was cancelled meanwhile (a timed-out request)."""
+    try:
+        future.set_exception(exception) if exception is not None else future.set_result(value)
+    except InvalidStateError:
+        pass
