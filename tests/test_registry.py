@@ -107,7 +107,55 @@ def test_failed_gate_refuses_promotion_unless_forced(tmp_path: Path, adapters: d
         registry.promote("demo", 1)
     assert registry.promoted("demo") is None
     registry.promote("demo", 1, force=True)
-    assert registry.history("demo")[0]["reason"] == "forced"
+    entry = registry.history("demo")[0]
+    assert (entry["reason"], entry["forced"], entry["gate"]) == ("forced (gate: failed)", True, "failed")
+
+
+def test_a_version_without_a_passed_gate_needs_force_and_is_marked(tmp_path: Path, adapters: dict) -> None:
+    registry = Registry(tmp_path / "reg")
+    registry.register("demo", adapters["a"][0])  # no decision recorded at all
+    registry.register("demo", adapters["b"][0], decision={"passed": True, "reasons": []})
+    with pytest.raises(RegistryError, match="demo@1 has no passed gate.*--force"):
+        registry.promote("demo", 1)
+    registry.promote("demo", 2)
+    registry.promote("demo", 1, force=True, reason="hotfix")
+    first, second = registry.history("demo")
+    assert "forced" not in first and "gate" not in first
+    assert (second["forced"], second["gate"], second["reason"]) == (True, "none", "hotfix")
+
+
+def test_cli_register_checks_the_folder_and_records_that_no_gate_ran(tmp_path: Path, adapters: dict,
+                                                                     base_path: str, capsys) -> None:
+    root = ["--registry", str(tmp_path / "reg")]
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"ndcg@10": 0.61}))
+    assert registry_main(root + ["register", "hand", str(adapters["a"][0]), "--base", base_path,
+                                 "--metrics", str(metrics)]) == 0
+    printed = capsys.readouterr().out
+    assert "registered hand@1 (embedder" in printed and "promote hand 1 --force" in printed
+    version = Registry(tmp_path / "reg").version("hand", 1)
+    assert version.decision()["passed"] is None and version.decision()["gate"] == "none"
+    assert version.metrics() == {"ndcg@10": 0.61}
+    with pytest.raises(RegistryError, match="hand@1 has no passed gate"):
+        registry_main(root + ["promote", "hand", "1"])
+    assert registry_main(root + ["promote", "hand", "1", "--force"]) == 0
+    assert registry_main(root + ["show", "hand"]) == 0
+    shown = capsys.readouterr().out
+    assert "gate: NONE (no gate ran)" in shown and "forced=True gate=none" in shown
+    # the checks: an adapter for another base, a damaged folder, a task no one knows
+    foreign = tmp_path / "foreign"
+    shutil.copytree(adapters["a"][0], foreign)
+    meta = json.loads((foreign / METADATA_FILE).read_text())
+    (foreign / METADATA_FILE).write_text(json.dumps({**meta, "base_fingerprint": "0123456789abcdef"}))
+    with pytest.raises(AdapterError, match="fingerprint 0123456789abcdef.*load the base it was trained on"):
+        registry_main(root + ["register", "hand", str(foreign), "--base", base_path])
+    (foreign / METADATA_FILE).write_text(json.dumps({**meta, "task": "classifier"}))
+    with pytest.raises(AdapterError, match="task 'classifier' is not one of embedder, reranker"):
+        registry_main(root + ["register", "hand", str(foreign), "--base", base_path])
+    (foreign / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="adapter_model.safetensors is missing"):
+        registry_main(root + ["register", "hand", str(foreign), "--base", base_path])
+    assert [v.version for v in Registry(tmp_path / "reg").versions("hand")] == [1]  # nothing half-registered
 
 
 def _crashing_child(root: str, action: str, target: str, argument: str) -> None:

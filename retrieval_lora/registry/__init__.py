@@ -23,11 +23,16 @@ Guarantees:
 - `history.json` is written before the pointer; entries newer than the pointer (a promotion
   interrupted between the two writes) are ignored by readers and dropped by the next change.
 
+- Only a version whose recorded gate decision passed is promoted as a matter of course. One
+  whose gate failed, or for which no gate ran (registered by hand with `register` and
+  `NO_GATE`, or with no decision at all), needs `force=True` (CLI: `--force`), and its history
+  entry says so: `"forced": true` and `"gate": "failed"` or `"none"`.
+
 Not supported: registries on filesystems without POSIX rename/flock semantics (e.g. some
 network mounts, Windows); deleting versions (versions are immutable lineage).
 
-The command line (`python -m retrieval_lora.registry list|show|promote|rollback`) lives in
-`cli.py` and `__main__.py`; it imports this module, never the other way round.
+The command line (`python -m retrieval_lora.registry list|show|register|promote|rollback`)
+lives in `cli.py` and `__main__.py`; it imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from retrieval_lora.errors import RegistryError
+from retrieval_lora.errors import AdapterError, RegistryError
 from retrieval_lora.manifest import build_manifest, staging_dir, write_json_atomic
 
 if TYPE_CHECKING:
@@ -58,6 +63,9 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 POINTER_FILE = "promoted.json"
 HISTORY_FILE = "history.json"
 LOCK_TIMEOUT_S = 60.0
+# The decision recorded for a version registered without an evaluation (`registry register`).
+NO_GATE = {"passed": None, "gate": "none",
+           "reasons": ["registered by hand (registry register): no evaluation and no gate ran"]}
 
 
 def registry_root(root: str | Path | None = None) -> Path:
@@ -80,6 +88,34 @@ def read_adapter_metadata(adapter_dir: str | Path) -> AdapterMetadata:
     from retrieval_lora.models import read_adapter_metadata as read
 
     return read(adapter_dir)
+
+
+def check_adapter(adapter_dir: str | Path, base: str | Path | None = None) -> AdapterMetadata:
+    """Check that `adapter_dir` is a complete adapter that loads onto its base, and return its metadata.
+
+    The base is `base` if given, else the one the adapter records (`base_model`); the check
+    loads it (so it needs torch and the base's weights), compares its fingerprint with the
+    adapter's `base_fingerprint` and loads the adapter onto it.
+
+    Raises:
+        AdapterError: missing or corrupt files, an unknown task, another base's fingerprint,
+            or a base that cannot be loaded.
+    """
+    from retrieval_lora.models import TASKS, load_adapter, load_base
+
+    metadata = read_adapter_metadata(adapter_dir)
+    if metadata.task not in TASKS:
+        raise AdapterError(f"{adapter_dir}: task {metadata.task!r} is not one of {', '.join(TASKS)}")
+    model = load_base(metadata.task, str(base if base is not None else metadata.base_model))
+    load_adapter(model, adapter_dir, metadata.task)  # checks the task and the base fingerprint, then the weights
+    return metadata
+
+
+def gate_state(decision: dict[str, Any] | None) -> str:
+    """'passed', 'failed' or 'none' (no gate ran) for a version's recorded decision."""
+    if decision is None or decision.get("passed") is None:
+        return "none"
+    return "passed" if decision.get("passed") else "failed"
 
 
 def _now() -> str:
@@ -233,23 +269,29 @@ class Registry:
     def promote(self, name: str, version: int, *, reason: str | None = None, force: bool = False) -> AdapterVersion:
         """Make `version` the promoted version of `name` (atomic pointer switch + history entry).
 
-        A version whose recorded gate decision failed is refused unless `force=True`.
+        Only a version whose recorded gate decision passed is promoted without `force=True`: one
+        whose gate failed or for which no gate ran is refused unless forced, and a forced
+        promotion's history entry has `"forced": true` and `"gate"` ("failed" or "none").
         Promoting the version that is already promoted changes nothing.
 
         Raises:
-            RegistryError: unknown name or version, failed gate without force, lock not acquired.
+            RegistryError: unknown name or version, no passed gate without force, lock not acquired.
         """
         target = self.version(name, version)
         decision = target.decision()
-        if decision is not None and not decision.get("passed", True) and not force:
-            raise RegistryError(f"{target.spec} failed its promotion gate ({'; '.join(decision.get('reasons', []))}); "
-                                "pass force=True (CLI: --force) to promote it anyway")
+        gate = gate_state(decision)
+        if gate != "passed" and not force:
+            why = (f"failed its promotion gate ({'; '.join(decision.get('reasons', []))})" if gate == "failed"
+                   else "has no passed gate: no evaluation was recorded for it")
+            raise RegistryError(f"{target.spec} {why}; pass force=True (CLI: --force) to promote it anyway")
+        forced = {"forced": True, "gate": gate} if gate != "passed" else {}
         with self._lock(name):
             pointer = _read_json(self.root / name / POINTER_FILE, None)
             if pointer and pointer["version"] == version:
                 return target
             stack = (pointer["stack"] if pointer else []) + [version]
-            self._switch(name, pointer, stack, "promote", reason or ("forced" if force and decision else None))
+            self._switch(name, pointer, stack, "promote", reason or (f"forced (gate: {gate})" if forced else None),
+                         **forced)
         return target
 
     def rollback(self, name: str, *, reason: str | None = None) -> AdapterVersion:
@@ -271,11 +313,13 @@ class Registry:
         return self._version(name, stack[-1])
 
     # ---- internals -----------------------------------------------------------------------
-    def _switch(self, name: str, pointer: dict | None, stack: list[int], action: str, reason: str | None) -> None:
-        """Append the history entry, then rename the new pointer into place (the commit point)."""
+    def _switch(self, name: str, pointer: dict | None, stack: list[int], action: str, reason: str | None,
+                **marks: Any) -> None:
+        """Append the history entry (with `marks`, e.g. forced=True), then rename the new pointer into place."""
         seq = (pointer["seq"] if pointer else 0) + 1
         entry = {"seq": seq, "action": action, "version": stack[-1], "previous": pointer["version"] if pointer else None,
-                 "at": _now(), "user": _user(), "host": socket.gethostname(), "pid": os.getpid(), "reason": reason}
+                 "at": _now(), "user": _user(), "host": socket.gethostname(), "pid": os.getpid(), "reason": reason,
+                 **marks}
         history = [e for e in _read_json(self.root / name / HISTORY_FILE, []) if e["seq"] < seq]
         write_json_atomic(self.root / name / HISTORY_FILE, history + [entry])
         write_json_atomic(self.root / name / POINTER_FILE,

@@ -1,4 +1,8 @@
-"""`python -m retrieval_lora.registry list|show|promote|rollback`: look at and steer the registry.
+"""`python -m retrieval_lora.registry list|show|register|promote|rollback`: look at and steer the registry.
+
+`register NAME ADAPTER_DIR` adds an adapter trained elsewhere as a new version, after checking
+that it is complete and loads onto its base (task and base fingerprint); its decision records
+that no gate ran, so promoting it needs `promote --force`, which the history marks as forced.
 
 The registry folder is `--registry DIR`, else `$RETRIEVAL_LORA_REGISTRY`, else `./registry`.
 """
@@ -10,12 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 
-from retrieval_lora.registry import DEFAULT_REGISTRY, REGISTRY_ENV, AdapterVersion, Registry
+from pathlib import Path
+
+from retrieval_lora.config import read_config_file
+from retrieval_lora.errors import RegistryError
+from retrieval_lora.registry import (
+    DEFAULT_REGISTRY, NO_GATE, REGISTRY_ENV, AdapterVersion, Registry, check_adapter, gate_state,
+)
 
 EPILOG = f"""examples:
   python -m retrieval_lora.registry list
   python -m retrieval_lora.registry show scifact            # the promoted version
   python -m retrieval_lora.registry show scifact@2
+  python -m retrieval_lora.registry register support-faq runs/embedder/adapter --metrics metrics.json
+  python -m retrieval_lora.registry promote support-faq 1 --force --reason "hand-checked on 50 queries"
   python -m retrieval_lora.registry promote scifact 3 --reason "beats v2 on nDCG@10"
   python -m retrieval_lora.registry rollback scifact
 
@@ -33,11 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="manifest, metrics, gate decision and history of a version")
     show.add_argument("spec", help="NAME (the promoted version), NAME@N or NAME@latest")
     show.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    register = commands.add_parser("register", help="add an adapter folder as NAME's next version (no gate runs)")
+    register.add_argument("name")
+    register.add_argument("adapter_dir", type=Path, help="folder with the adapter files and retrieval_lora.json")
+    register.add_argument("--base", help="base model to check the adapter against (default: the one it records)")
+    register.add_argument("--metrics", type=Path, metavar="FILE", help="JSON/YAML/TOML file of metrics to keep with it")
+    register.add_argument("--report", type=Path, metavar="DIR", help="report folder to keep with it")
     promote = commands.add_parser("promote", help="make a version the one served for NAME")
     promote.add_argument("name")
     promote.add_argument("version", type=int)
     promote.add_argument("--reason", help="why, recorded in the history")
-    promote.add_argument("--force", action="store_true", help="promote even though its gate decision failed")
+    promote.add_argument("--force", action="store_true", help="promote a version whose gate failed or never ran "
+                         "(marked as forced in the history)")
     rollback = commands.add_parser("rollback", help="go back to the version promoted before the current one")
     rollback.add_argument("name")
     rollback.add_argument("--reason", help="why, recorded in the history")
@@ -64,14 +83,14 @@ def _print_show(info: dict) -> None:
         print(f"  {key}: {info[key]}")
     decision = info["decision"]
     if decision:
-        print(f"  gate: {'PASSED' if decision.get('passed') else 'FAILED'}")
+        print(f"  gate: {dict(passed='PASSED', failed='FAILED', none='NONE (no gate ran)')[gate_state(decision)]}")
         for reason in decision.get("reasons", []):
             print(f"    - {reason}")
     if info["metrics"]:
         print("  metrics: " + json.dumps(info["metrics"], sort_keys=True)[:2000])
     print("  history:" + ("" if info["history"] else " (no promotions yet)"))
     for entry in info["history"]:
-        fields = ("seq", "action", "version", "previous", "at", "user", "reason")
+        fields = ("seq", "action", "version", "previous", "at", "user", "forced", "gate", "reason")
         print("    " + " ".join(f"{key}={entry[key]}" for key in fields if entry.get(key) is not None))
 
 
@@ -90,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one registry command from `argv` (default: `sys.argv[1:]`); returns the exit status 0.
 
     Raises:
-        RegistryError: unknown name, version or spec, a failed gate without --force, nothing to roll back.
+        RegistryError: unknown name, version or spec, no passed gate without --force, nothing to roll back.
+        AdapterError: `register` of a folder that is incomplete or does not load onto its base.
         SystemExit: bad arguments (argparse prints the usage).
     """
     args = build_parser().parse_args(argv)
@@ -100,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "show":
         info = _describe(registry.resolve(args.spec), registry)
         print(json.dumps(info, indent=2, sort_keys=True)) if args.json else _print_show(info)
+    elif args.command == "register":
+        _register(registry, args)
     elif args.command == "promote":
         version = registry.promote(args.name, args.version, reason=args.reason, force=args.force)
         print(f"promoted {version.spec} ({version.adapter_dir})")
@@ -107,3 +129,25 @@ def main(argv: list[str] | None = None) -> int:
         version = registry.rollback(args.name, reason=args.reason)
         print(f"rolled back {args.name} to version {version.version} ({version.adapter_dir})")
     return 0
+
+
+def _register(registry: Registry, args: argparse.Namespace) -> None:
+    metadata = check_adapter(args.adapter_dir, args.base)
+    metrics = _read_metrics(args.metrics) if args.metrics else None
+    version = registry.register(args.name, args.adapter_dir, metrics=metrics, decision=dict(NO_GATE),
+                                report_dir=args.report)
+    print(f"registered {version.spec} ({metadata.task} for base {metadata.base_model}, checked: it loads onto a base "
+          f"with fingerprint {metadata.base_fingerprint}); no gate ran, so promote it with "
+          f"`promote {args.name} {version.version} --force`")
+
+
+def _read_metrics(path: Path) -> dict:
+    if path.suffix != ".json":
+        return read_config_file(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RegistryError(f"--metrics {path} cannot be read as JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise RegistryError(f"--metrics {path} must hold an object of metric names to values")
+    return data
