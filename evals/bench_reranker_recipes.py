@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 from harness import (RESULTS, arguments, command_line, dataset_or_skip, read_results, replace_row, torch_threads,
                      write_results)

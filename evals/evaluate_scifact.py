@@ -16,6 +16,7 @@ saved (they are large and reproducible).
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,12 +26,27 @@ from harness import RESULTS, arguments, command_line, dataset_or_skip, datasets_
 PUBLISHED_NDCG10, TOLERANCE = 0.645, 0.002
 
 
-def _run(config) -> tuple[object, float]:
-    from retrieval_lora.evaluate import evaluate
+def _evaluate_base(dataset, evaluation, data, out: Path) -> tuple[dict, float]:
+    from retrieval_lora import pipeline
+    from retrieval_lora.models import DEFAULT_BASE
 
     started = time.time()
-    outcome = evaluate(config)
-    return outcome, time.time() - started
+    metrics = pipeline.evaluate_base("embedder", DEFAULT_BASE, dataset, evaluation, data, out)
+    return metrics, time.time() - started
+
+
+def _evaluate_adapter(dataset, evaluation, data, adapter: str, out: Path):
+    """The same verbs as `python -m retrieval_lora.train` and the flow: evaluate, decide, report."""
+    from retrieval_lora import pipeline
+    from retrieval_lora.gate import GatePolicy
+
+    started = time.time()
+    candidate = pipeline.Candidate("embedder", Path(adapter))
+    comparison = pipeline.evaluate_candidate(candidate, dataset, evaluation, data, GatePolicy().primary_metric)
+    decision = pipeline.decide(comparison, GatePolicy())
+    pipeline.write_report(out, comparison, decision, pipeline.report_details(dataset, candidate, evaluation, data),
+                          evaluation, title=f"Embedder adapter vs frozen base on {dataset.name}/test")
+    return comparison, decision, time.time() - started
 
 
 def _training_settings(adapter: str) -> str:
@@ -82,32 +98,35 @@ def main() -> int:
                         help="embedding cache (float32): the base corpus is encoded once across runs")
     args = parser.parse_args()
     dataset_or_skip(Path(args.dataset).name, Path(args.dataset).parent)
-    from retrieval_lora.evaluate import EvaluateConfig
-    from retrieval_lora.evaluation import write_trec_run
+    from retrieval_lora.evaluation import read_trec_run, write_trec_run
+    from retrieval_lora.pipeline import DataConfig, EvaluationConfig, load_data
 
     summary = read_results(RESULTS / "scifact_evaluation")
     command = command_line(__file__, prefix="nice -n 10 python")
-    common = dict(task="embedder", data=args.dataset, split="test", batch_size=args.batch_size, save_runs=False,
-                  cache_dir=args.cache_dir)
+    data = DataConfig(path=args.dataset, cache_dir=args.cache_dir)
+    dataset = load_data(data)
+    evaluation = EvaluationConfig(split="test", batch_size=args.batch_size, save_runs=False, cache=True)
     if not args.skip_base:
-        outcome, seconds = _run(EvaluateConfig(output=str(RESULTS / "scifact_base"), **common))
-        write_trec_run(outcome.run, args.base_run, "frozen-base")
-        ndcg = outcome.metrics["ndcg@10"]
-        summary["base"] = {"command": command, "metrics": outcome.metrics, "seconds": round(seconds, 1),
+        metrics, seconds = _evaluate_base(dataset, EvaluationConfig(**{**evaluation.__dict__, "save_runs": True}),
+                                          data, RESULTS / "scifact_base")
+        write_trec_run(read_trec_run(RESULTS / "scifact_base" / "runs" / "base.trec"), args.base_run, "frozen-base")
+        shutil.rmtree(RESULTS / "scifact_base" / "runs")  # large and reproducible: kept outside the repository
+        ndcg = metrics["ndcg@10"]
+        summary["base"] = {"command": command, "metrics": metrics, "seconds": round(seconds, 1),
                            "reproduced": abs(ndcg - PUBLISHED_NDCG10) <= TOLERANCE}
         print(f"frozen base nDCG@10 = {ndcg:.4f} (published {PUBLISHED_NDCG10} +- {TOLERANCE}) in {seconds:.0f}s")
     if args.adapter:
         baseline = args.base_run if Path(args.base_run).is_file() else None
-        outcome, seconds = _run(EvaluateConfig(output=str(RESULTS / "scifact_adapter_vs_base"), adapter=args.adapter,
-                                               baseline_run=baseline, baseline_name="frozen base embedder (run of the "
-                                               "base evaluation above)" if baseline else None, **common))
-        paired = outcome.comparison.paired.to_dict()
+        with_baseline = EvaluationConfig(**{**evaluation.__dict__, "baseline_run": baseline, "baseline_name":
+                                            "frozen base embedder (run of the base evaluation above)" if baseline else None})
+        comparison, decision, seconds = _evaluate_adapter(dataset, with_baseline, data, args.adapter,
+                                                          RESULTS / "scifact_adapter_vs_base")
+        paired = comparison.paired.to_dict()
         training = _training_settings(args.adapter)
         summary["adapter"] = {"command": command, "adapter": args.adapter, "training": training,
-                              "baseline": outcome.comparison.baseline_name,
-                              "metrics": paired["metrics"], "passed": outcome.decision.passed,
-                              "reasons": outcome.decision.reasons, "seconds": round(seconds, 1)}
-        print(f"adapter vs base: {outcome.decision.summary()} in {seconds:.0f}s")
+                              "baseline": comparison.baseline_name, "metrics": paired["metrics"],
+                              "passed": decision.passed, "reasons": decision.reasons, "seconds": round(seconds, 1)}
+        print(f"adapter vs base: {decision.summary()} in {seconds:.0f}s")
     write_results(RESULTS / "scifact_evaluation", summary, _summary_markdown(summary), sort_keys=True)
     print(f"wrote {RESULTS / 'scifact_evaluation.json'} and scifact_evaluation.md")
     return 0

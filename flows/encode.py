@@ -36,7 +36,8 @@ from flows.caching import key_parameter, result_storage, step_key
 from flows.tasks import PERSISTED, load_data, load_checked, not_a_setting_error
 from retrieval_lora.embedding_cache import EmbeddingCache
 from retrieval_lora.errors import ConfigError
-from retrieval_lora.models import DEFAULT_BASE, load_base
+from retrieval_lora.models import DEFAULT_BASE, DEFAULT_MAX_SEQ_LENGTH, load_base
+from retrieval_lora.pipeline import DEFAULT_CACHE_DIR, DataConfig
 from retrieval_lora.sharding import assemble, corpus_texts, encode_shard, plan_shards, store_corpus_embeddings
 
 RunnerKind = Literal["threads", "dask"]
@@ -84,7 +85,7 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 @task(name="plan-shards", cache_policy=NO_CACHE)
 def count_shards(data_path: str, data_fingerprint: str, shards: int, batch_size: int) -> int:
     """How many shards the plan really has (at most `shards`; fewer for a corpus of few batches)."""
-    return len(plan_shards(corpus_texts(load_checked(data_path, data_fingerprint)), shards, batch_size).shards)
+    return len(plan_shards(corpus_texts(load_checked(DataConfig(), data_path, data_fingerprint)), shards, batch_size).shards)
 
 
 def _shard_key(_context: object, parameters: dict) -> str:
@@ -96,7 +97,7 @@ def _shard_key(_context: object, parameters: dict) -> str:
 def encode_corpus_shard(key: str, data_path: str, data_fingerprint: str, base: str, max_seq_length: int | None,
                         shards: int, batch_size: int, shard: int, out_dir: str) -> str:
     """Encode shard number `shard` of the corpus plan; write its rows to `<out_dir>/shard-<n>.npy`."""
-    dataset = load_checked(data_path, data_fingerprint)
+    dataset = load_checked(DataConfig(), data_path, data_fingerprint)
     texts = corpus_texts(dataset)
     plan = plan_shards(texts, shards, batch_size)
     model = load_base("embedder", base, max_seq_length=max_seq_length)
@@ -109,7 +110,7 @@ def encode_corpus_shard(key: str, data_path: str, data_fingerprint: str, base: s
 def store_embeddings(key: str, data_path: str, data_fingerprint: str, base: str, max_seq_length: int | None,
                      shards: int, batch_size: int, parts: list[str], cache_dir: str, cache_dtype: str) -> EncodedCorpus:
     """Assemble the shards in corpus order and store them as mining's cached corpus matrix."""
-    dataset = load_checked(data_path, data_fingerprint)
+    dataset = load_checked(DataConfig(), data_path, data_fingerprint)
     plan = plan_shards(corpus_texts(dataset), shards, batch_size)
     vectors = assemble(plan, [np.load(part) for part in parts])
     model = load_base("embedder", base, max_seq_length=max_seq_length)
@@ -119,8 +120,8 @@ def store_embeddings(key: str, data_path: str, data_fingerprint: str, base: str,
 
 
 @flow(name="encode-corpus")
-def encode_corpus(data: str | None = None, base: str = DEFAULT_BASE, max_seq_length: int | None = 256,
-                  shards: int = 4, batch_size: int = 64, cache_dir: str = "data/cache/embeddings",
+def encode_corpus(data: str | None = None, base: str = DEFAULT_BASE, max_seq_length: int | None = DEFAULT_MAX_SEQ_LENGTH,
+                  shards: int = 4, batch_size: int = 64, cache_dir: str = DEFAULT_CACHE_DIR,
                   cache_dtype: str = "float16", workdir: str = "runs/flows") -> EncodedCorpus:
     """Encode the corpus of `data` with the frozen `base` in `shards` tasks into the embedding cache.
 
@@ -134,7 +135,7 @@ def encode_corpus(data: str | None = None, base: str = DEFAULT_BASE, max_seq_len
         cache_dtype: storage type of the cache entry (`MiningConfig.cache_dtype`).
         workdir: folder for the shard files and persisted results.
     """
-    corpus = load_data(data)
+    corpus = load_data(DataConfig(path=data))
     work = Path(workdir).resolve()
     key = step_key("encode", corpus["fingerprint"], base, max_seq_length, shards, batch_size,
                    str(Path(cache_dir).resolve()), cache_dtype)
@@ -154,10 +155,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="BEIR folder (default: the built-in demo)")
     parser.add_argument("--base", default=DEFAULT_BASE, help="embedder that encodes (default: %(default)s)")
-    parser.add_argument("--max-seq-length", type=int, default=256, help="token limit (default: %(default)s)")
+    parser.add_argument("--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LENGTH, help="token limit (default: %(default)s)")
     parser.add_argument("--shards", type=int, default=4, help="encode-shard tasks (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per batch (default: %(default)s)")
-    parser.add_argument("--cache-dir", default="data/cache/embeddings", help="mining's embedding cache folder")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="mining's embedding cache folder")
     parser.add_argument("--cache-dtype", default="float16", choices=("float16", "float32"))
     parser.add_argument("--workdir", default="runs/flows", help="shard files and persisted results")
     parser.add_argument("--task-runner", default="threads", choices=("threads", "dask"))

@@ -1,10 +1,11 @@
-"""The `specialize` flow: data -> training rows (mined) -> train -> evaluate -> gate -> register -> promote.
+"""The `specialize` flow: data -> training rows (mined) -> train -> evaluate -> gate -> report -> publish.
 
     python -m flows.specialize                                   # the built-in demo dataset
     python -m flows.specialize --data ../shared/datasets/scifact --name scifact
-    python -m flows.specialize --config flows/nightly.yaml       # train:, mining:, gate: sections
+    python -m flows.specialize --config flows/nightly.yaml       # data:, train:, evaluation:, gate:, publish:
 
-Every step is a task in `flows.tasks` that calls one retrieval_lora function. Each cached step
+Every step is a task in `flows.tasks` that calls one verb of `retrieval_lora.pipeline`, the same
+verbs `python -m retrieval_lora.train` runs in order, with the same config sections. Each cached step
 is keyed by a digest of the fingerprints and settings it depends on (`flows.caching`), its
 result persisted under `<workdir>/prefect-results`, and its files written to
 `<workdir>/<step>/<key>`. Hence:
@@ -14,17 +15,28 @@ result persisted under `<workdir>/prefect-results`, and its files written to
 - a run on unchanged data and settings skips mining, training, evaluation, registering and
   promoting, and its outcome says so (`training: "skipped: ..."`); only the gate and the
   report, which are cheap, run again;
-- a change anywhere (a document edited, a setting changed) changes the keys downstream of it.
+- a change anywhere (a document edited, a setting changed) changes the keys downstream of it;
+  settings that do not change the weights (gradient checkpointing, and the checkpoint frequency
+  when no dev split picks a best checkpoint) do not retrain.
+
+Champion/challenger: when the adapter's name already has a promoted version (the champion), the
+candidate is evaluated beside it on the same queries (loaded from the registry as the server
+loads it) and must beat it too (`gate.against_champion`, on by default); the promotion is a
+compare-and-swap against that champion. Progress (steps, loss, ETA, dev metric) goes to the
+run's logs every 30 s.
 
 Old `<workdir>/<step>/<key>` folders are not deleted: remove the work folder to reclaim space
 (the next run then recomputes everything).
 
-The flow returns a `SpecializeOutcome`: promoted or rejected, the gate's reasons, the metrics
-and what each step did. The report is a markdown artifact and the metrics a table artifact.
-With no `PREFECT_API_URL`, Prefect runs a temporary local API server for the run.
-
-Not supported: `train.train_pairs` (the flow builds the rows itself; use
-`python -m retrieval_lora.train --train-pairs` for prepared rows).
+The flow returns a `SpecializeOutcome`: the status, the gate's reasons, the metrics, what each
+step did and what the registry promotes after the run (read again, never a cached answer). A
+rejected candidate is not registered (as with the train command) and the run ends in a Failed
+state named "Rejected", with the outcome as its data: alert on it like any failure
+(`flows.specialize.run(...)` returns the outcome either way; `python -m flows.specialize` exits 3).
+The report is a markdown artifact and the metrics a table artifact. With no `PREFECT_API_URL`,
+Prefect runs a temporary local API server for the run. Not supported:
+`train.train_pairs` (the flow builds the rows itself; use `python -m retrieval_lora.train
+--train-pairs` for prepared rows).
 """
 
 from __future__ import annotations
@@ -38,20 +50,23 @@ from typing import Any, Literal
 import flows  # noqa: F401  (telemetry off before Prefect loads)
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed
 from prefect.task_runners import TaskRunner
 
 from flows import tasks
 from flows.caching import CachedSteps, plain, step_key
 from flows.encode import RunnerKind, encode_corpus, make_task_runner
+from retrieval_lora.registry import registry_root
 from retrieval_lora.config import read_config_file
 from retrieval_lora.errors import ConfigError
 from retrieval_lora.gate import GatePolicy
 from retrieval_lora.mining import MiningConfig
-from retrieval_lora.training import RESUME_IGNORED, TrainConfig, json_ready, mining_config
+from retrieval_lora.pipeline import DataConfig, EvaluationConfig, PublishConfig, check_gate_metric
+from retrieval_lora.pipeline.verbs import find_champion
+from retrieval_lora.training import TrainConfig, mining_config, weight_settings
 
-# Settings that do not change the trained adapter: where it goes, how it is evaluated, and the
-# mining switches (the rows step applies them; their effect reaches training via the rows' fingerprint).
-NOT_TRAINING = RESUME_IGNORED | {"data", "eval_split", "eval_top_k", "rerank_top_k", "negatives", "mining", "miner"}
+# Mining switches: the rows step applies them; their effect reaches training through the rows' fingerprint.
+NOT_TRAINING = {"negatives", "mining", "miner"}
 # Mining settings that do not change the mined rows.
 NOT_MINING = {"show_progress", "cache_dir"}
 
@@ -60,7 +75,9 @@ NOT_MINING = {"show_progress", "cache_dir"}
 class SpecializeOutcome:
     """What a run decided and why; `steps` maps each step to its final state (Completed, Cached)."""
 
-    status: Literal["promoted", "rejected"]
+    # promoted; rejected (by the gate, not registered); stale (another version was promoted while this one was
+    # judged: not promoted); passed (the gate passed, registering was off)
+    status: Literal["promoted", "rejected", "stale", "passed"]
     reasons: list[str]
     training: str
     version: str
@@ -69,14 +86,17 @@ class SpecializeOutcome:
     data_fingerprint: str
     report_dir: str
 
+    promoted_now: str | None = None  # what the registry promotes after this run (read after publishing)
+
     def summary(self) -> str:
         """A few lines for a terminal: the verdict, what training did, the gate's reasons."""
-        lines = [f"{self.status.upper()} {self.version}", f"training: {self.training}"]
+        lines = [f"{self.status.upper()} {self.version}", f"training: {self.training}",
+                 f"registry now promotes: {self.promoted_now or 'nothing'}"]
         return "\n".join(lines + [f"  - {reason}" for reason in self.reasons])
 
 
-def _training_settings(train: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in json_ready(train).items() if k not in NOT_TRAINING}
+def _training_settings(train: TrainConfig, splits: list[str]) -> dict[str, Any]:
+    return {k: v for k, v in weight_settings(train, splits).items() if k not in NOT_TRAINING}
 
 
 def _mining_settings(mining: MiningConfig | None) -> dict[str, Any] | None:
@@ -91,11 +111,12 @@ def _training_note(state_name: str, trained: tasks.TrainedRef) -> str:
     return "trained"
 
 
-def _mining_config(train: TrainConfig, mining: MiningConfig | None, documents: int) -> MiningConfig | None:
-    """The mining this run does (see the `mining` parameter)."""
+def _mining_config(train: TrainConfig, data: DataConfig, mining: MiningConfig | None,
+                   documents: int) -> MiningConfig | None:
+    """The mining this run does (see the `mining` parameter); the same default as the train command's."""
     if not train.mines_negatives:
         return None
-    return mining if mining is not None else mining_config(train, documents)
+    return mining if mining is not None else mining_config(train, documents, cache_dir=data.cache_dir or None)
 
 
 def _encode_sharded(data: tasks.DataRef, train: TrainConfig, mining: MiningConfig, shards: int,
@@ -111,7 +132,10 @@ def _artifacts(name: str, outcome: SpecializeOutcome, report_markdown: str) -> N
     slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "adapter"
     header = (f"**{outcome.status.upper()}** {outcome.version}. Training: {outcome.training}. "
               f"Data fingerprint `{outcome.data_fingerprint}`.\n\n")
-    create_markdown_artifact(header + report_markdown, key=f"specialize-report-{slug}",
+    # The UI cannot fetch the plot file beside report.md: point at the self-contained HTML report instead.
+    body = "\n".join(line for line in report_markdown.splitlines() if not line.startswith("!["))
+    footer = f"\n\nPer-query plot and full report: `{Path(outcome.report_dir) / 'report.html'}`\n"
+    create_markdown_artifact(header + body + footer, key=f"specialize-report-{slug}",
                              description=f"{name}: evaluation report and gate decision")
     metrics = outcome.metrics
     rows = [{"metric": metric, "baseline": round(base, 4), "adapter": round(metrics["adapter"][metric], 4),
@@ -121,21 +145,22 @@ def _artifacts(name: str, outcome: SpecializeOutcome, report_markdown: str) -> N
 
 
 @flow(name="specialize")
-def specialize(train: TrainConfig = TrainConfig(), mining: MiningConfig | None = None,
-               gate: GatePolicy = GatePolicy(), name: str = "demo", registry: str = "registry",
-               workdir: str = "runs/flows", encode_shards: int = 1, task_runner: RunnerKind = "threads",
-               dask_address: str | None = None) -> SpecializeOutcome:
+def specialize(data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig(), mining: MiningConfig | None = None,
+               evaluation: EvaluationConfig = EvaluationConfig(), gate: GatePolicy = GatePolicy(),
+               publish: PublishConfig = PublishConfig(), workdir: str = "runs/flows", encode_shards: int = 1,
+               task_runner: RunnerKind = "threads", dask_address: str | None = None) -> SpecializeOutcome:
     """Specialize an embedder or reranker to a dataset; promote the adapter if it passes the gate.
 
     Args:
-        train: training and evaluation settings (`data`: BEIR folder, empty for the built-in
-            demo; `output` and `resume` are managed by the flow).
-        mining: full mining settings (window, margin, cache...); default: mine as the train CLI
+        data: the dataset (`path`: BEIR folder, empty for the built-in demo).
+        train: training settings (`resume` is managed by the flow).
+        mining: full mining settings (window, margin, cache...); default: mine as the train command
             does (`train.negatives` per row, default 1 for an embedder and 4 for a reranker, with
             `train.miner`); none when `train.mining` is false or `train.negatives` is 0.
+        evaluation: how the candidate is compared with its frozen base after training.
         gate: the promotion policy the adapter must pass.
-        name: the adapter's name in the registry.
-        registry: the registry folder.
+        publish: registry folder (default: $RETRIEVAL_LORA_REGISTRY or ./registry) and adapter name
+            (default: <dataset folder name>-<task>).
         workdir: folder for every step's files and the persisted task results.
         encode_shards: above 1, encode the corpus for mining in this many parallel tasks first.
         task_runner: where those tasks run: 'threads' (this process) or 'dask'.
@@ -144,51 +169,60 @@ def specialize(train: TrainConfig = TrainConfig(), mining: MiningConfig | None =
     if train.train_pairs:
         raise ConfigError("train.train_pairs is not supported by the flow (it builds the rows itself); "
                           "use `python -m retrieval_lora.train --train-pairs` for prepared rows")
+    check_gate_metric(gate, evaluation)
     steps = CachedSteps(Path(workdir).resolve())
-    data = tasks.load_data(train.data)
-    get_run_logger().info(f"dataset {data['path']}: {data['documents']} documents, fingerprint {data['fingerprint']}")
-    mining = _mining_config(train, mining, data["documents"])
+    loaded = tasks.load_data(data, train, evaluation)
+    get_run_logger().info(f"dataset {loaded['path']}: {loaded['documents']} documents, "
+                          f"fingerprint {loaded['fingerprint']}")
+    mining = _mining_config(train, data, mining, loaded["documents"])
     miner = train.miner or train.base
     if encode_shards > 1 and mining is not None and mining.cache_dir:
         runner = make_task_runner(task_runner, workers=encode_shards, address=dask_address)
-        _encode_sharded(data, train, mining, encode_shards, runner, workdir)
-    source = dict(data_path=data["path"], data_fingerprint=data["fingerprint"])
+        _encode_sharded(loaded, train, mining, encode_shards, runner, workdir)
+    source = dict(data=data, data_path=loaded["path"], data_fingerprint=loaded["fingerprint"])
 
-    rows_key = step_key("rows", data["fingerprint"], train.train_split, miner, train.max_seq_length,
+    rows_key = step_key("rows", loaded["fingerprint"], train.train_split, miner, train.max_seq_length,
                         _mining_settings(mining))
-    rows = steps.run("rows", tasks.training_rows, check="path", key=rows_key, **source, split=train.train_split,
-                     base=miner, max_seq_length=train.max_seq_length, mining=mining,
+    rows = steps.run("rows", tasks.training_rows, check="path", key=rows_key, **source, train=train, mining=mining,
                      out_dir=steps.folder("rows", rows_key))
-    train_key = step_key("train", data["fingerprint"], rows["fingerprint"], _training_settings(train))
-    trained = steps.run("train", tasks.train, check="adapter_dir", key=train_key, **source, rows_path=rows["path"],
+    train_key = step_key("train", loaded["fingerprint"], rows["fingerprint"], _training_settings(train, loaded["splits"]))
+    trained = steps.run("train", tasks.train, check="adapter_dir", key=train_key, **source, rows=rows,
                         config=train, run_dir=steps.folder("train", train_key))
     training_note = _training_note(steps.states["train"], trained)
     get_run_logger().info(f"training: {training_note}")
 
-    eval_key = step_key("evaluate", train_key, train.eval_split, train.eval_top_k, train.rerank_top_k,
-                        gate.primary_metric)
+    name = publish.name or f"{Path(loaded['path']).name}-{train.task}"
+    registry = str(registry_root(publish.registry).resolve())
+    champion = find_champion(publish, name, trained["adapter_dir"]) if gate.against_champion else None
+    eval_key = step_key("evaluate", train_key, plain(evaluation), data.exclude_self, gate.primary_metric, champion,
+                        registry if champion else None)
     comparison = steps.run("evaluate", tasks.evaluate, key=eval_key, **source, adapter_dir=trained["adapter_dir"],
-                           config=train, primary_metric=gate.primary_metric)
+                           train=train, evaluation=evaluation, primary_metric=gate.primary_metric, champion=champion,
+                           registry=registry)
     decision = tasks.gate(comparison, gate)
-    details = {"data": data["path"], "data fingerprint": data["fingerprint"], "adapter": trained["adapter_dir"],
-               "training": training_note, "training rows": f"{rows['rows']} ({'mined' if rows['mined'] else 'pairs'})"}
+    details = {"data": loaded["path"], "data fingerprint": loaded["fingerprint"], "adapter": trained["adapter_dir"],
+               "base model": f"{train.base} (full precision, as served)", "training": training_note,
+               "training rows": f"{rows['rows']} ({'mined' if rows['mined'] else 'pairs'})"}
     report_key = step_key("report", eval_key, plain(gate))
-    written = tasks.report(comparison, decision, details, out_dir=steps.folder("report", report_key))
-    publish_key = step_key("publish", report_key, str(Path(registry).resolve()), name)
-    registered = steps.run("register", tasks.register, check="path", key=publish_key, registry=registry, name=name,
-                           adapter_dir=trained["adapter_dir"], report_dir=written["folder"],
-                           metrics=written["metrics"], decision=decision.to_dict(), config=train)
-    if decision.passed:
-        steps.run("promote", tasks.promote, key=publish_key, registry=registry, name=name,
-                  version=registered["version"], reason=f"gate passed: {decision.reasons[0]}")
+    written = tasks.report(comparison, decision, details, evaluation, title=f"{train.task.capitalize()} adapter vs "
+                           f"frozen base on {Path(loaded['path']).name}/{evaluation.split}",
+                           out_dir=steps.folder("report", report_key))
+    publish_key = step_key("publish", report_key, registry, name, publish.register)
+    published = steps.run("publish", tasks.publish, key=publish_key, publish=publish, comparison=comparison,
+                          decision=decision, adapter_dir=trained["adapter_dir"], name=name,
+                          report_dir=written["folder"], config=train)
 
     outcome = SpecializeOutcome(
-        status="promoted" if decision.passed else "rejected", reasons=list(decision.reasons),
-        training=training_note, version=registered["spec"], steps=steps.states, data_fingerprint=data["fingerprint"],
+        status=published["status"], reasons=list(decision.reasons), training=training_note,
+        version=published["spec"] or "(not registered)", steps=steps.states, data_fingerprint=loaded["fingerprint"],
         metrics={"split": comparison.split, "baseline_name": comparison.baseline_name,
-                 "baseline": comparison.baseline, "adapter": comparison.adapter}, report_dir=written["folder"])
+                 "baseline": comparison.baseline, "adapter": comparison.adapter, "champion": champion},
+        report_dir=written["folder"], promoted_now=find_champion(publish, name))  # re-read: never a stale cached answer
     _artifacts(name, outcome, written["markdown"])
     get_run_logger().info(outcome.summary())
+    if outcome.status in ("rejected", "stale"):
+        # A rejection is a state a Prefect user can alert on: Failed, named "Rejected"; the outcome is its data.
+        return Failed(name="Rejected", message=outcome.summary().replace("\n", "; "), data=outcome)
     return outcome
 
 
@@ -197,31 +231,38 @@ def parameters_from_args(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m flows.specialize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML/TOML file whose keys are the flow's parameters "
-                                         "(train:, mining:, gate:, name:, registry:, workdir:)")
-    parser.add_argument("--data", help="BEIR folder (default: the built-in demo); sets train.data")
+                                         "(data:, train:, mining:, evaluation:, gate:, publish:, workdir:)")
+    parser.add_argument("--data", help="BEIR folder (default: the built-in demo); sets data.path")
     parser.add_argument("--task", choices=("embedder", "reranker"), help="sets train.task")
     parser.add_argument("--no-mining", action="store_true", help="train on the labelled pairs only")
-    for flag in ("name", "registry", "workdir"):
-        parser.add_argument(f"--{flag}")
+    parser.add_argument("--name", help="adapter name in the registry; sets publish.name")
+    parser.add_argument("--registry", help="registry folder; sets publish.registry")
+    parser.add_argument("--workdir", help="folder for every step's files and the persisted task results")
     args = parser.parse_args(argv)
     parameters = read_config_file(args.config) if args.config else {}
-    train = dict(parameters.get("train") or {})
-    for key in ("data", "task"):
-        if getattr(args, key) is not None:
-            train[key] = getattr(args, key)
-    parameters["train"] = train
-    if args.no_mining:
-        train["mining"] = False
-    for flag in ("name", "registry", "workdir"):
-        if getattr(args, flag) is not None:
-            parameters[flag] = getattr(args, flag)
+    sections = {name: dict(parameters.get(name) or {}) for name in ("data", "train", "publish")}
+    for section, key, value in (("data", "path", args.data), ("train", "task", args.task),
+                                ("train", "mining", False if args.no_mining else None),
+                                ("publish", "name", args.name), ("publish", "registry", args.registry)):
+        if value is not None:
+            sections[section][key] = value
+    parameters.update({name: values for name, values in sections.items() if values})
+    if args.workdir is not None:
+        parameters["workdir"] = args.workdir
     return parameters
 
 
+def run(**parameters: Any) -> SpecializeOutcome:
+    """Run the flow and return its outcome, whether it promoted or ended in the Rejected state."""
+    return specialize(**parameters, return_state=True).result(raise_on_failure=False)
+
+
 def main(argv: list[str] | None = None) -> int:
-    outcome = specialize(**parameters_from_args(argv))
+    outcome = run(**parameters_from_args(argv))
+    if not isinstance(outcome, SpecializeOutcome):  # the run failed for another reason: re-raise it
+        raise outcome
     print(outcome.summary())
-    return 0
+    return 3 if outcome.status in ("rejected", "stale") else 0
 
 
 if __name__ == "__main__":

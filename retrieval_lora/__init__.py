@@ -6,3 +6,7 @@ data -> mining -> training -> evaluation -> gate + registry -> serving. `flows/`
 """
 
 __version__ = "0.1.0"
+
+from retrieval_lora.noise import quiet_library_noise  # noqa: E402
+
+quiet_library_noise()

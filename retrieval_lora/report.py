@@ -67,21 +67,31 @@ def plot_query_deltas(comparison: PairedComparison, metric: str) -> bytes:
     return buffer.getvalue()
 
 
+def _metric_rows(comparison: PairedComparison, alpha: float) -> list[list[str]]:
+    return [[name, f"{r.baseline:.4f}", f"{r.candidate:.4f}",
+             f"{r.delta:+.4f} {significance_mark(r.delta, r.p_value, alpha)}".strip(), f"{r.p_value:.4f}",
+             f"{r.wins} / {r.losses} / {r.ties}"] for name, r in comparison.metrics.items()]
+
+
+METRIC_HEADER = ["metric", "baseline", "candidate", "delta", "p-value", "better / worse / same"]
+
+
 def comparison_blocks(comparison: PairedComparison, decision: GateDecision | None, *, title: str, alpha: float,
-                      primary_metric: str, details: dict[str, Any] | None = None, worst: int = 10) -> list[Block]:
-    """The report's content for a baseline-vs-candidate comparison."""
+                      primary_metric: str, details: dict[str, Any] | None = None, worst: int = 10,
+                      champion: PairedComparison | None = None) -> list[Block]:
+    """The report's content for a baseline-vs-candidate comparison (and champion-vs-candidate, if any)."""
     test = "paired t-test" if comparison.stat_test == "student" else f"{comparison.stat_test} randomization test"
     blocks: list[Block] = [("h1", title), ("p", f"Split **{comparison.split}**, {comparison.num_queries} queries. "
                                                 f"Baseline: **{comparison.baseline_name}**. Candidate: "
                                                 f"**{comparison.candidate_name}**. Significance: {test}, alpha = {alpha}.")]
     if decision is not None:
         blocks += [("h2", f"Gate decision: {'PASSED' if decision.passed else 'FAILED'}"), ("ul", decision.reasons)]
-    rows = [[name, f"{r.baseline:.4f}", f"{r.candidate:.4f}",
-             f"{r.delta:+.4f} {significance_mark(r.delta, r.p_value, alpha)}".strip(), f"{r.p_value:.4f}",
-             f"{r.wins} / {r.losses} / {r.ties}"] for name, r in comparison.metrics.items()]
-    blocks += [("h2", "Metrics"),
-               ("table", ["metric", "baseline", "candidate", "delta", "p-value", "better / worse / same"], rows),
-               ("p", f"▲ / ▼: significantly better / worse (p < {alpha}); no mark: may be noise."),
+    blocks += [("h2", "Metrics"), ("table", METRIC_HEADER, _metric_rows(comparison, alpha)),
+               ("p", f"▲ / ▼: significantly better / worse (p < {alpha}); no mark: may be noise.")]
+    if champion is not None:
+        blocks += [("h2", f"Against the promoted champion {champion.baseline_name}"),
+                   ("table", METRIC_HEADER, _metric_rows(champion, alpha))]
+    blocks += [
                ("h2", f"Per-query change of {primary_metric}"), ("img", f"per-query {primary_metric} deltas")]
     regressions = comparison.worst_regressions(primary_metric, worst)
     blocks.append(("h2", f"Worst regressions on {primary_metric}"))
@@ -125,7 +135,8 @@ def render_markdown(blocks: list[Block], plot_file: str | None) -> str:
         elif kind == "ul":
             out.append("\n".join(f"- {item}" for item in block[1]))
         elif kind == "table":
-            cells = lambda row: "| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"  # noqa: E731
+            # `|` would end a cell and `_` start emphasis: query ids such as __call__ must show as written
+            cells = lambda row: "| " + " | ".join(str(c).replace("|", "\\|").replace("_", "\\_") for c in row) + " |"  # noqa: E731
             out.append("\n".join([cells(block[1]), cells(["---"] * len(block[1])), *map(cells, block[2])]))
         elif kind == "img" and plot_file:
             out.append(f"![{block[1]}]({plot_file})")
@@ -185,7 +196,7 @@ def write_report(out_dir: str | Path, blocks: list[Block], plot_png: bytes | Non
 def write_comparison_report(out_dir: str | Path, comparison: PairedComparison, decision: GateDecision | None = None,
                             *, title: str = "Adapter vs frozen base", alpha: float = 0.05,
                             primary_metric: str | None = None, details: dict[str, Any] | None = None,
-                            worst: int = 10) -> ReportFiles:
+                            worst: int = 10, champion: PairedComparison | None = None) -> ReportFiles:
     """Render and write the full report of a comparison (and its gate decision, if any).
 
     `primary_metric` (default: the decision's, else the first evaluated) is the one plotted and
@@ -193,7 +204,7 @@ def write_comparison_report(out_dir: str | Path, comparison: PairedComparison, d
     """
     primary = primary_metric or (decision.primary_metric if decision else next(iter(comparison.metrics)))
     blocks = comparison_blocks(comparison, decision, title=title, alpha=alpha, primary_metric=primary,
-                               details=details, worst=worst)
+                               details=details, worst=worst, champion=champion)
     return write_report(out_dir, blocks, plot_query_deltas(comparison, primary))
 
 
@@ -208,6 +219,10 @@ def comparison_summary(comparison: Comparison) -> dict[str, Any]:
                        delta={m: r.delta for m, r in paired.metrics.items()},
                        p_value={m: r.p_value for m, r in paired.metrics.items()},
                        wins_losses_ties={m: [r.wins, r.losses, r.ties] for m, r in paired.metrics.items()})
+    if comparison.champion is not None:
+        summary["champion"] = {"spec": comparison.champion.baseline_name,
+                               "metrics": {m: r.baseline for m, r in comparison.champion.metrics.items()},
+                               "p_value": {m: r.p_value for m, r in comparison.champion.metrics.items()}}
     return summary
 
 
@@ -230,9 +245,11 @@ def write_evaluation(out_dir: str | Path, comparison: Comparison, decision: Gate
     target = Path(out_dir)
     staging = staging_dir(target)
     write_comparison_report(staging, comparison.paired, decision, title=title, alpha=alpha,
-                            primary_metric=primary_metric, details=details, worst=worst)
+                            primary_metric=primary_metric, details=details, worst=worst, champion=comparison.champion)
     write_json_atomic(staging / "metrics.json", comparison_summary(comparison))
     write_json_atomic(staging / "comparison.json", comparison.paired.to_dict())
+    if comparison.champion is not None:
+        write_json_atomic(staging / "champion_comparison.json", comparison.champion.to_dict())
     if decision is not None:
         write_json_atomic(staging / "decision.json", decision.to_dict())
     if save_runs:

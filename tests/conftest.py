@@ -77,3 +77,13 @@ def base_path() -> str:
 def _registry_outside_the_checkout(tmp_path_factory, monkeypatch) -> None:
     """Entry points register into ./registry by default: keep every test's registry in a temp dir."""
     monkeypatch.setenv("RETRIEVAL_LORA_REGISTRY", str(tmp_path_factory.getbasetemp() / "default-registry"))
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> str:
+    """Prefect's temporary test server (slow to start, so one per session)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()

@@ -13,7 +13,8 @@ import torch
 
 from retrieval_lora.data import load_dataset
 from retrieval_lora.errors import AdapterError, ConfigError, DataError, EvaluationError
-from retrieval_lora.evaluate import EvaluateConfig, evaluate, main as evaluate_main
+from retrieval_lora.evaluate import EvaluateCommand, main as evaluate_main
+from retrieval_lora.pipeline import EvaluationConfig
 from retrieval_lora.evaluation import (
     compare_runs, compare_with_base, read_trec_run, rerank, score_run, search, write_trec_run,
 )
@@ -187,7 +188,7 @@ def test_evaluate_cli_writes_a_full_report_folder(adapter_dirs: dict[str, Path],
     out = tmp_path / "report"
     code = evaluate_main(["--data", str(tiny_beir), "--split", "train", "--adapter", str(adapter_dirs["embedder"]),
                           "--base", base_path, "--max-seq-length", "32", "--top-k", "10", "--output", str(out),
-                          "--min-gain", "0.5", "--fail-on-reject"])
+                          "--gate-min-gain", "0.5", "--fail-on-reject"])
     assert code == 3  # a random adapter does not gain half a point of nDCG@10
     printed = capsys.readouterr().out
     assert "gate: FAILED" in printed and "report.html" in printed
@@ -199,17 +200,16 @@ def test_evaluate_cli_writes_a_full_report_folder(adapter_dirs: dict[str, Path],
     assert sorted(json.loads((out / "comparison.json").read_text())["per_query"]["ndcg@10"]) == sorted(
         f"q{i}" for i in range(1, 9))
     # the saved config reproduces the evaluation
-    rerun = EvaluateConfig(**{**__import__("yaml").safe_load((out / "config.yaml").read_text()),
-                              "output": str(tmp_path / "again"), "save_runs": False})
-    again = evaluate(rerun)
-    assert again.decision.to_dict()["reasons"] == decision["reasons"]
+    again = tmp_path / "again"
+    assert evaluate_main(["--config", str(out / "config.yaml"), "--output", str(again), "--no-save-runs"]) == 3
+    assert json.loads((again / "decision.json").read_text())["reasons"] == decision["reasons"]
 
 
 def test_base_alone_then_its_saved_run_as_the_baseline(adapter_dirs: dict[str, Path], tiny_beir: Path,
                                                        base_path: str, tmp_path: Path) -> None:
     out, cache = tmp_path / "base", tmp_path / "cache"
     common = ["--data", str(tiny_beir), "--split", "train", "--base", base_path, "--max-seq-length", "32",
-              "--cache-dir", str(cache), "--metrics", "ndcg@10,recall@5"]
+              "--cache-dir", str(cache), "--cache", "--metrics", "ndcg@10,recall@5"]
     assert evaluate_main(common + ["--output", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_queries"] == 8 and set(metrics["metrics"]) == {"ndcg@10", "recall@5"}
@@ -232,24 +232,25 @@ def test_base_alone_then_its_saved_run_as_the_baseline(adapter_dirs: dict[str, P
 
 def test_bad_input_gives_clear_errors(adapter_dirs: dict[str, Path], tiny_beir: Path, base_path: str,
                                       tmp_path: Path) -> None:
-    common = dict(data=str(tiny_beir), base=base_path, max_seq_length=32, output=str(tmp_path / "x"))
+    common = ["--data", str(tiny_beir), "--base", base_path, "--max-seq-length", "32", "--output", str(tmp_path / "x")]
+    embedder = ["--adapter", str(adapter_dirs["embedder"])]
     with pytest.raises(DataError, match="split 'validation' not found"):
-        evaluate(EvaluateConfig(split="validation", adapter=str(adapter_dirs["embedder"]), **common))
+        evaluate_main(common + embedder + ["--split", "validation"])
     foreign = tmp_path / "foreign"
     shutil.copytree(adapter_dirs["embedder"], foreign)
     meta = json.loads((foreign / METADATA_FILE).read_text())
     (foreign / METADATA_FILE).write_text(json.dumps({**meta, "base_fingerprint": "0" * 16, "base_model": "other/base"}))
     with pytest.raises(AdapterError, match="trained on base 'other/base'.*load the base it was trained on"):
-        evaluate(EvaluateConfig(adapter=str(foreign), **common))
+        evaluate_main(common + ["--adapter", str(foreign)])
     with pytest.raises(AdapterError, match="trained for task 'embedder', not 'reranker'"):
-        evaluate(EvaluateConfig(task="reranker", adapter=str(adapter_dirs["embedder"]), **common))
+        evaluate_main(common + embedder + ["--task", "reranker"])
     run_file = write_trec_run({"q11": {"d11": 1.0, "zzz": 0.5}}, tmp_path / "r.trec")
     with pytest.raises(EvaluationError, match="1 document id.*'zzz'"):
-        evaluate(EvaluateConfig(task="reranker", first_stage=str(run_file), **common))
-    with pytest.raises(ConfigError, match="primary_metric 'ndcg@10' is not among metrics"):
-        EvaluateConfig(metrics="mrr@10")
+        evaluate_main(common + ["--task", "reranker", "--first-stage", str(run_file)])
+    with pytest.raises(ConfigError, match="primary_metric 'ndcg@10' is not among the evaluation metrics"):
+        EvaluateCommand(evaluation=EvaluationConfig(metrics="mrr@10"))
     with pytest.raises(Exception, match="not a folder, and not a registry entry"):
-        evaluate(EvaluateConfig(adapter="nothing-here", registry=str(tmp_path / "reg"), **common))
+        evaluate_main(common + ["--adapter", "nothing-here", "--registry", str(tmp_path / "reg")])
 
 
 def test_base_reranker_alone_reranks_a_user_run_file(tiny_beir: Path, base_path: str, tmp_path: Path) -> None:
@@ -257,9 +258,29 @@ def test_base_reranker_alone_reranks_a_user_run_file(tiny_beir: Path, base_path:
     first = {qid: {doc_id: -float(rank) for rank, doc_id in enumerate(sorted(dataset.corpus))}
              for qid in dataset.split_qrels("test")}
     run_file = write_trec_run(first, tmp_path / "first.trec")
-    outcome = evaluate(EvaluateConfig(task="reranker", data=str(tiny_beir), base=base_path, max_seq_length=32,
-                                      first_stage=str(run_file), rerank_top_k=5, output=str(tmp_path / "r")))
-    assert outcome.comparison is None and set(outcome.metrics) == {"ndcg@10", "mrr@10", "recall@100", "map@100"}
+    out = tmp_path / "r"
+    assert evaluate_main(["--task", "reranker", "--data", str(tiny_beir), "--base", base_path, "--max-seq-length", "32",
+                          "--first-stage", str(run_file), "--rerank-top-k", "5", "--output", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["system"] == "frozen base reranker" and set(metrics["metrics"]) == {"ndcg@10", "mrr@10", "recall@100", "map@100"}
     reranked = read_trec_run(tmp_path / "r" / "runs" / "base.trec")
     for qid in first:  # only the top 5 were rescored; the rest keep the file's order
         assert list(sorted(reranked[qid], key=reranked[qid].get, reverse=True))[5:] == sorted(dataset.corpus)[5:]
+
+
+def test_queries_that_are_documents_warn_unless_excluded(tmp_path: Path, base_path: str) -> None:
+    from conftest import write_beir
+    from retrieval_lora.pipeline import Candidate, DataConfig, EvaluationConfig, evaluate_candidate
+
+    texts = {f"a{i}": f"argument number {i} about topic {i % 3}" for i in range(12)}
+    # ArguAna-style: every query is also a document of the corpus, under the same id
+    folder = write_beir(tmp_path / "arg", {k: ("", v) for k, v in texts.items()}, texts,
+                        {"test": [(f"a{i}", f"a{(i + 1) % 12}", 1) for i in range(12)]})
+    adapter = _save_random_adapter("embedder", base_path, tmp_path / "adapter")
+    dataset = load_dataset(str(folder))
+    candidate = Candidate("embedder", adapter, base_path, 32)
+    with pytest.warns(UserWarning, match=r"12 of 12 queries retrieve a document with their own id.*--exclude-self"):
+        evaluate_candidate(candidate, dataset, EvaluationConfig(top_k=5), DataConfig(), "ndcg@10", show_progress=False)
+    comparison = evaluate_candidate(candidate, dataset, EvaluationConfig(top_k=5), DataConfig(exclude_self=True),
+                                    "ndcg@10", show_progress=False)
+    assert not any(qid in ranking for qid, ranking in comparison.adapter_run.items())

@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 import yaml
 from prefect.artifacts import Artifact
-from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 
 from conftest import write_beir
 from flows.deploy import build_deployment
@@ -50,12 +48,13 @@ STRICT_GATE = {"min_gain": 0.99}
 
 def test_cli_flags_and_config_file_become_flow_parameters(tmp_path: Path) -> None:
     config = tmp_path / "flow.yaml"
-    config.write_text(yaml.safe_dump({"train": {"epochs": 2}, "gate": {"min_gain": 0.01}, "name": "docs"}))
+    config.write_text(yaml.safe_dump({"train": {"epochs": 2}, "gate": {"min_gain": 0.01}, "publish": {"name": "docs"}}))
     parameters = parameters_from_args(["--config", str(config), "--data", "corpus/", "--no-mining", "--name", "x"])
-    assert parameters == {"train": {"epochs": 2, "data": "corpus/", "mining": False}, "gate": {"min_gain": 0.01},
-                          "name": "x"}
+    assert parameters == {"train": {"epochs": 2, "mining": False}, "data": {"path": "corpus/"},
+                          "gate": {"min_gain": 0.01}, "publish": {"name": "x"}}
     validated = specialize.validate_parameters(parameters)  # what Prefect does with a UI form or a deployment
     assert validated["train"].epochs == 2 and not validated["train"].mining and validated["gate"].min_gain == 0.01
+    assert validated["data"].path == "corpus/" and validated["publish"].name == "x"
 
 
 def test_the_nightly_deployment_has_a_cron_schedule_and_valid_parameters() -> None:
@@ -63,14 +62,7 @@ def test_the_nightly_deployment_has_a_cron_schedule_and_valid_parameters() -> No
     deployment = build_deployment(parameters, name="nightly", cron="0 2 * * *")
     assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
     assert deployment.entrypoint == "flows.specialize.specialize"
-    assert specialize.validate_parameters(deployment.parameters)["train"].data == "data/docs-beir"
-
-
-@pytest.fixture(scope="session")
-def prefect_api() -> str:
-    """Prefect's temporary test server (slow to start, so one per session)."""
-    with prefect_test_harness(server_startup_timeout=180):
-        yield PREFECT_API_URL.value()
+    assert specialize.validate_parameters(deployment.parameters)["data"].path == "data/docs-beir"
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +75,14 @@ def learnable(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def flow_parameters(data: Path, root: Path, **overrides) -> dict:
-    train = dict(data=str(data), max_seq_length=32, batch_size=4, epochs=2, lr=5e-3, eval_split="train",
-                 eval_top_k=8, dev_split="", checkpoint_steps=100, lora={"rank": 8, "alpha": 16})
+    train = dict(max_seq_length=32, batch_size=4, epochs=2, lr=5e-3, dev_split="", checkpoint_steps=100,
+                 lora={"rank": 8, "alpha": 16})
     train.update(overrides.pop("train", {}))
-    return dict(train=train, mining={"negatives": 1, "rank_start": 1, "rank_end": 7, "margin": 0.0,
-                                     "cache_dir": str(root / "embeddings"), "cache_dtype": "float32",
-                                     "show_progress": False},
-                gate=LENIENT_GATE, name="learnable", registry=str(root / "registry"), workdir=str(root / "work"),
+    return dict(data={"path": str(data), "cache_dir": str(root / "embeddings")}, train=train,
+                mining={"negatives": 1, "rank_start": 1, "rank_end": 7, "margin": 0.0,
+                        "cache_dir": str(root / "embeddings"), "cache_dtype": "float32", "show_progress": False},
+                evaluation={"split": "train", "top_k": 8}, gate=LENIENT_GATE,
+                publish={"name": "learnable", "registry": str(root / "registry")}, workdir=str(root / "work"),
                 **overrides)
 
 
@@ -105,10 +98,10 @@ def test_flow_runs_end_to_end_and_promotes(first_run) -> None:
     parameters, outcome, _ = first_run
     assert outcome.status == "promoted", outcome.reasons
     assert outcome.steps == {"rows": "Completed", "train": "Completed", "evaluate": "Completed",
-                             "register": "Completed", "promote": "Completed"}
+                             "publish": "Completed"}
     assert outcome.training == "trained"
     assert outcome.metrics["adapter"]["ndcg@10"] > outcome.metrics["baseline"]["ndcg@10"]
-    registry = Registry(parameters["registry"])
+    registry = Registry(parameters["publish"]["registry"])
     promoted = registry.promoted("learnable")
     assert promoted is not None and promoted.spec == outcome.version == "learnable@1"
     assert promoted.decision()["passed"] and (promoted.report_dir / "report.md").is_file()
@@ -131,20 +124,46 @@ def test_report_and_metrics_are_flow_artifacts(first_run) -> None:
 def test_rerun_on_unchanged_inputs_skips_training(first_run) -> None:
     parameters, first, _ = first_run
     again = specialize(**parameters)
-    assert again.steps == {"rows": "Cached", "train": "Cached", "evaluate": "Cached", "register": "Cached",
-                           "promote": "Cached"}
+    assert again.steps == {"rows": "Cached", "train": "Cached", "evaluate": "Cached", "publish": "Cached"}
     assert again.training.startswith("skipped: data and settings unchanged")
     assert (again.status, again.version, again.metrics) == (first.status, first.version, first.metrics)
-    assert [v.version for v in Registry(parameters["registry"]).versions("learnable")] == [1]  # no duplicate
+    assert [v.version for v in Registry(parameters["publish"]["registry"]).versions("learnable")] == [1]  # no duplicate
 
 
 def test_a_stricter_gate_rejects_without_retraining(first_run) -> None:
+    from flows.specialize import run
+
     parameters, _, _ = first_run
-    outcome = specialize(**{**parameters, "gate": STRICT_GATE})
+    state = specialize(**{**parameters, "gate": STRICT_GATE}, return_state=True)
+    assert state.is_failed() and state.name == "Rejected"  # a state a Prefect user can alert on
+    outcome = run(**{**parameters, "gate": STRICT_GATE})
     assert outcome.status == "rejected" and outcome.steps["train"] == "Cached"
     assert any("gain is too small" in reason for reason in outcome.reasons)
-    registry = Registry(parameters["registry"])
-    assert registry.promoted("learnable").version == 1 and outcome.version == "learnable@2"
+    registry = Registry(parameters["publish"]["registry"])
+    assert registry.promoted("learnable").version == 1 and outcome.version == "(not registered)"
+    assert [v.version for v in registry.versions("learnable")] == [1]  # a rejected candidate is not registered
+    assert registry.resolve("learnable@latest").version == 1  # so it can never be served, by name or @latest
+    assert outcome.promoted_now == "learnable@1"
+
+
+def test_changing_only_the_checkpoint_frequency_reuses_the_trained_adapter(first_run) -> None:
+    from flows.specialize import run
+
+    parameters, first, _ = first_run
+    train = {**parameters["train"], "checkpoint_steps": 7, "gradient_checkpointing": True}
+    outcome = run(**{**parameters, "train": train})
+    assert outcome.steps["train"] == "Cached" and outcome.metrics["adapter"] == first.metrics["adapter"]
+
+
+def test_a_challenger_that_loses_to_the_champion_is_not_promoted(first_run) -> None:
+    from flows.specialize import run
+
+    parameters, first, _ = first_run
+    weak = {**parameters["train"], "lr": 1e-6, "epochs": 1}  # barely moves from the base; the champion is far ahead
+    outcome = run(**{**parameters, "train": weak})
+    assert outcome.status == "rejected" and outcome.metrics["champion"] == "learnable@1"
+    assert any(r.startswith("against the champion learnable@1: the candidate is worse") for r in outcome.reasons)
+    assert Registry(parameters["publish"]["registry"]).promoted("learnable").version == 1
 
 
 def _wait_for_checkpoint(process: subprocess.Popen, work: Path, timeout: float = 600) -> Path:
@@ -205,3 +224,19 @@ def test_sharded_encoding_equals_unsharded(prefect_api: str, learnable: Path, tm
     assert from_shards.cache == "hit"
     unsharded = encode_texts(model, corpus_texts(dataset), batch_size=2, show_progress=False)
     assert np.array_equal(from_shards.vectors, unsharded)
+
+
+def test_the_schedule_can_live_in_a_process_work_pool(prefect_api: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.deploy import deploy_to_pool
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="retrieval-lora-test", type="process"), overwrite=True)
+        parameters = parameters_from_args(["--config", str(REPO / "flows" / "nightly.yaml")])
+        deployment_id = deploy_to_pool(parameters, name="nightly-pool", cron="0 2 * * *", pool="retrieval-lora-test")
+        deployment = client.read_deployment(deployment_id)
+    assert deployment.work_pool_name == "retrieval-lora-test" and deployment.entrypoint == "flows/specialize.py:specialize"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 2 * * *"]
+    assert deployment.parameters["data"]["path"] == "data/docs-beir"

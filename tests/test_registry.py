@@ -307,7 +307,7 @@ def test_training_ends_by_gating_registering_and_promoting(tiny_beir: Path, tmp_
 
     registry = Registry(tmp_path / "reg")
     code = train_main(["--task", "embedder", "--data", str(tiny_beir), "--base", base_path, "--output",
-                       str(tmp_path / "runs"), "--epochs", "3", "--batch-size", "4", "--rank", "4",
+                       str(tmp_path / "runs"), "--epochs", "3", "--batch-size", "4", "--lora-rank", "4",
                        "--max-seq-length", "32", "--eval-split", "train", "--dev-split", "",
                        "--registry", str(registry.root), "--name", "tiny",
                        # 8 queries are too few for significance; this test is about the wiring

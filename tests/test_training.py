@@ -23,7 +23,7 @@ FAST = dict(max_seq_length=48, batch_size=4, rank=4)
 
 
 def _config(tiny_beir: Path, tmp_path: Path, **overrides) -> TrainConfig:
-    values = dict(task="embedder", data=str(tiny_beir), output=str(tmp_path), max_seq_length=48, batch_size=4,
+    values = dict(task="embedder", max_seq_length=48, batch_size=4,
                   epochs=2, checkpoint_steps=2, lora={"rank": 4, "alpha": 8}, dev_corpus_size=18)
     values.update(overrides)
     return TrainConfig(**values)
@@ -101,7 +101,7 @@ KILLED_RUN = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
 
     data, out = sys.argv[1], sys.argv[2]
-    config = TrainConfig(task="embedder", data=data, output=out, max_seq_length=48, batch_size=4, epochs=3,
+    config = TrainConfig(task="embedder", max_seq_length=48, batch_size=4, epochs=3,
                          checkpoint_steps=2, lora={"rank": 4, "alpha": 8}, dev_split="", dev_corpus_size=18)
     train_adapter(config, load_beir(data), out, callbacks=[KillAt()])
 """)
@@ -155,7 +155,7 @@ def test_qlora_reranker_trains_only_lora_and_head(tiny_beir: Path, tmp_path: Pat
 
 
 def test_attention_dropout_is_off_while_training_and_the_rest_untouched(tiny_beir: Path) -> None:
-    from retrieval_lora.training import _setup_model
+    from retrieval_lora.training.run import _setup_model
 
     model = _setup_model(_config(tiny_beir, tiny_beir))
     attention = [m for m in model.modules() if type(m).__name__ == "BertSelfAttention"]

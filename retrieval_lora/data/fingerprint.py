@@ -8,9 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 
-from datasets import Dataset
+from typing import TYPE_CHECKING
 
 from retrieval_lora.data.beir import RetrievalDataset
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 FINGERPRINT_CHARS = 16
 

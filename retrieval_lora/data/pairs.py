@@ -10,12 +10,14 @@ Three sources give the same columns:
 from __future__ import annotations
 
 from pathlib import Path
-
-from datasets import Dataset, load_from_disk
+from typing import TYPE_CHECKING
 
 from retrieval_lora.data.beir import RetrievalDataset
 from retrieval_lora.data.lines import Problems, read_jsonl
 from retrieval_lora.errors import DataError
+
+if TYPE_CHECKING:  # `datasets` (pyarrow, pandas) loads on first use, not when a command checks its data
+    from datasets import Dataset
 
 QUERY_ALIASES = ("query", "anchor", "question")
 POSITIVE_ALIASES = ("positive", "pos", "document")
@@ -32,6 +34,8 @@ def pairs_from_qrels(dataset: RetrievalDataset, split: str) -> Dataset:
                 positives.append(dataset.corpus[doc_id].full_text)
     if not queries:
         raise DataError(f"{dataset.root}: split {split!r} has no relevant (score > 0) pairs to train on")
+    from datasets import Dataset
+
     return Dataset.from_dict({"query": queries, "positive": positives})
 
 
@@ -85,6 +89,8 @@ def load_pairs_jsonl(path: str | Path) -> Dataset:
     if not rows and not problems.items:
         problems.add(str(path), "no training rows; add lines like {\"query\": ..., \"positive\": ...}")
     problems.raise_if_any(f"training pairs {path}")
+    from datasets import Dataset
+
     return Dataset.from_list(rows)
 
 
@@ -92,6 +98,8 @@ def load_pairs_from_disk(path: str | Path) -> Dataset:
     """Load a dataset saved with `save_to_disk` that has `query` and `positive` columns."""
     path = Path(path)
     try:
+        from datasets import Dataset, load_from_disk
+
         dataset = load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as exc:
         raise DataError(f"{path}: cannot be read as a saved `datasets` dataset ({exc})") from exc

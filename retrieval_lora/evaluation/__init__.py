@@ -17,16 +17,15 @@ uses exact inner-product search in FAISS over normalized embeddings (cosine simi
 A query of the split that is missing from a run scores 0 on every metric (it was not answered).
 """
 
-from retrieval_lora.evaluation.comparison import Comparison, compare_with_base
-from retrieval_lora.evaluation.metrics import (
-    DEFAULT_METRICS, STAT_TESTS, TIE_TOLERANCE, MetricResult, PairedComparison, QueryDelta, check_metrics,
-    compare_runs, score_run,
-)
-from retrieval_lora.evaluation.runs import Run, check_run_ids, rerank, retrieve, search
-from retrieval_lora.evaluation.trec import read_trec_run, write_trec_run
+from retrieval_lora.evaluation.settings import DEFAULT_METRICS, STAT_TESTS
+from retrieval_lora.lazy import lazy_exports
 
-__all__ = [
-    "DEFAULT_METRICS", "STAT_TESTS", "TIE_TOLERANCE", "Comparison", "MetricResult", "PairedComparison", "QueryDelta",
-    "Run", "check_metrics", "check_run_ids", "compare_runs", "compare_with_base", "read_trec_run", "rerank",
-    "retrieve", "score_run", "search", "write_trec_run",
-]
+__getattr__ = lazy_exports(__name__, {
+    "Comparison": ".comparison", "compare_with_base": ".comparison",
+    **{name: ".metrics" for name in ("TIE_TOLERANCE", "MetricResult", "PairedComparison", "QueryDelta", "check_metrics",
+                                     "compare_runs", "score_run")},
+    **{name: ".runs" for name in ("Run", "check_run_ids", "rerank", "retrieve", "search", "ranked", "self_hits")},
+    "read_trec_run": ".trec", "write_trec_run": ".trec",
+})
+
+__all__ = ["DEFAULT_METRICS", "STAT_TESTS"]  # and the lazily loaded names above

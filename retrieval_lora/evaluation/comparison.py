@@ -34,6 +34,7 @@ class Comparison:
     adapter_run: Run
     paired: PairedComparison | None = None
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    champion: PairedComparison | None = None  # the promoted adapter (baseline) against this candidate, if any
 
 
 def compare_with_base(task: str, model: RetrievalModel, dataset: RetrievalDataset, split: str, *,
@@ -42,7 +43,8 @@ def compare_with_base(task: str, model: RetrievalModel, dataset: RetrievalDatase
                       primary_metric: str | None = None, exclude_self: bool = False, first_stage: Run | None = None,
                       base_reranker: bool = True, show_progress: bool = True,
                       cache: EmbeddingCache | None = None, baseline_run: Run | None = None,
-                      baseline_name: str = "baseline run") -> Comparison:
+                      baseline_name: str = "baseline run", champion: RetrievalModel | None = None,
+                      champion_name: str = "champion") -> Comparison:
     """Score the frozen base and the adapter (on `model`) on `split`, with paired tests.
 
     Embedder: the same model with its adapter switched off is the baseline. Reranker: the
@@ -52,7 +54,9 @@ def compare_with_base(task: str, model: RetrievalModel, dataset: RetrievalDatase
     `cache` (an `EmbeddingCache`) lets retrieval reuse corpus embeddings of an identical model.
     `baseline_run` (named `baseline_name`), e.g. the frozen base's run saved by an earlier
     evaluation or a BM25 run: for an embedder it replaces recomputing the frozen base; for a
-    reranker it is one more baseline to beat.
+    reranker it is one more baseline to beat. `champion` (the promoted adapter, loaded like the
+    candidate) is scored on the same queries (and the same first stage) and compared with the
+    candidate in `Comparison.champion`.
 
     Raises:
         DataError: missing split. EvaluationError: a first stage with unknown ids.
@@ -73,8 +77,9 @@ def compare_with_base(task: str, model: RetrievalModel, dataset: RetrievalDatase
             with transformer_of(model).disable_adapter():
                 runs = {"frozen base embedder": retrieve(model, dataset, split, k=k, exclude_self=exclude_self,
                                                          cache=cache, **options)}
+        score = lambda m: retrieve(m, dataset, split, k=k, exclude_self=exclude_self, cache=cache, **options)  # noqa: E731
         with merged_for_inference(model):  # same scores, faster than the unmerged adapter
-            adapter_run = retrieve(model, dataset, split, k=k, exclude_self=exclude_self, cache=cache, **options)
+            adapter_run = score(model)
     else:
         if first_stage is None:
             embedder = load_base("embedder", base)
@@ -87,12 +92,20 @@ def compare_with_base(task: str, model: RetrievalModel, dataset: RetrievalDatase
                 runs["frozen base reranker"] = rerank(model, dataset, first_stage, k=rerank_k, **options)
         if baseline_run is not None:
             runs[baseline_name] = baseline_run
+        score = lambda m: rerank(m, dataset, first_stage, k=rerank_k, **options)  # noqa: E731
         with merged_for_inference(model):
-            adapter_run = rerank(model, dataset, first_stage, k=rerank_k, **options)
+            adapter_run = score(model)
     scored = {name: score_run(qrels, run, metrics) for name, run in runs.items()}
     name = max(scored, key=lambda n: scored[n][primary])  # ties keep the first (the cheaper baseline)
     texts = {qid: dataset.queries.get(qid, "") for qid in qrels}
     paired = compare_runs(qrels, runs[name], adapter_run, metrics=metrics, stat_test=stat_test, split=split,
                           baseline_name=name, candidate_name="adapter", query_texts=texts)
+    against_champion = None
+    if champion is not None:
+        with merged_for_inference(champion):
+            champion_run = score(champion)
+        against_champion = compare_runs(qrels, champion_run, adapter_run, metrics=metrics, stat_test=stat_test,
+                                        split=split, baseline_name=champion_name, candidate_name="adapter",
+                                        query_texts=texts)
     return Comparison(split, name, scored[name], {m: r.candidate for m, r in paired.metrics.items()},
-                      runs[name], adapter_run, paired, scored)
+                      runs[name], adapter_run, paired, scored, against_champion)

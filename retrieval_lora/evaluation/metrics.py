@@ -19,9 +19,8 @@ from ranx.meta.evaluate import extract_metric_and_params, metric_switch
 from retrieval_lora.data.beir import Qrels
 from retrieval_lora.errors import ConfigError, EvaluationError
 from retrieval_lora.evaluation.runs import Run, ranked
+from retrieval_lora.evaluation.settings import DEFAULT_METRICS, STAT_TESTS
 
-DEFAULT_METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
-STAT_TESTS = ("student", "fisher")  # ranx's paired tests (lowercase names; "tukey" is not paired)
 TIE_TOLERANCE = 1e-9
 _EMPTY = "__no_result__"  # placeholder document for a query a run left empty (ranx needs one)
 

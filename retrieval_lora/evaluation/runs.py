@@ -60,6 +60,11 @@ def retrieve(model: SentenceTransformer, dataset: RetrievalDataset, split: str, 
     return search(doc_ids, doc_embeddings, query_ids, query_embeddings, k, exclude_self=exclude_self)
 
 
+def self_hits(run: Run) -> int:
+    """How many queries of `run` retrieved a document whose id is the query's own."""
+    return sum(query_id in ranking for query_id, ranking in run.items())
+
+
 def check_run_ids(run: Run, dataset: RetrievalDataset, source: str = "the run") -> None:
     """Refuse a run that names queries or documents the dataset does not have.
 

@@ -7,8 +7,12 @@
     save_mining_result(result, "runs/mined")
 """
 
+from retrieval_lora.lazy import lazy_exports
 from retrieval_lora.mining.config import MiningConfig
-from retrieval_lora.mining.hard_negatives import mine_hard_negatives
-from retrieval_lora.mining.result import MiningResult, load_mining_result, save_mining_result
+
+__getattr__ = lazy_exports(__name__, {"mine_hard_negatives": ".hard_negatives", "MiningResult": ".result",
+                                      "load_mining_result": ".result", "save_mining_result": ".result"})
 
 __all__ = ["MiningConfig", "MiningResult", "mine_hard_negatives", "save_mining_result", "load_mining_result"]
+
+__all__ = ["MiningConfig"]  # and the lazily loaded names above

@@ -68,6 +68,9 @@ NO_GATE = {"passed": None, "gate": "none",
            "reasons": ["registered by hand (registry register): no evaluation and no gate ran"]}
 
 
+ANY_CHAMPION = object()  # `promote(expected=...)` default: switch whatever is promoted now
+
+
 def registry_root(root: str | Path | None = None) -> Path:
     """`root` if given, else `$RETRIEVAL_LORA_REGISTRY`, else `registry` (relative to the cwd)."""
     return Path(root if root is not None else os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY)
@@ -266,16 +269,20 @@ class Registry:
             raise
         return self._version(name, number)
 
-    def promote(self, name: str, version: int, *, reason: str | None = None, force: bool = False) -> AdapterVersion:
+    def promote(self, name: str, version: int, *, reason: str | None = None, force: bool = False,
+                expected: int | None | object = ANY_CHAMPION) -> AdapterVersion:
         """Make `version` the promoted version of `name` (atomic pointer switch + history entry).
 
         Only a version whose recorded gate decision passed is promoted without `force=True`: one
         whose gate failed or for which no gate ran is refused unless forced, and a forced
         promotion's history entry has `"forced": true` and `"gate"` ("failed" or "none").
-        Promoting the version that is already promoted changes nothing.
+        Promoting the version that is already promoted changes nothing. `expected` makes the
+        switch a compare-and-swap: the version the caller's decision was made against (None: no
+        version promoted); another promotion in between is refused instead of overwritten.
 
         Raises:
-            RegistryError: unknown name or version, no passed gate without force, lock not acquired.
+            RegistryError: unknown name or version, no passed gate without force, lock not acquired,
+                or the promoted version is no longer `expected`.
         """
         target = self.version(name, version)
         decision = target.decision()
@@ -287,6 +294,10 @@ class Registry:
         forced = {"forced": True, "gate": gate} if gate != "passed" else {}
         with self._lock(name):
             pointer = _read_json(self.root / name / POINTER_FILE, None)
+            current = pointer["version"] if pointer else None
+            if expected is not ANY_CHAMPION and current != expected:
+                raise RegistryError(f"{name}: the promoted version changed from {expected} to {current} since the "
+                                    f"decision on {target.spec} was made; evaluate it against {name}@{current} again")
             if pointer and pointer["version"] == version:
                 return target
             stack = (pointer["stack"] if pointer else []) + [version]

