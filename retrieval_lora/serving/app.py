@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from retrieval_lora.serving.auth import OPEN_ACCESS, KeyRing, Tenant
 from retrieval_lora.serving.config import Limits
 from retrieval_lora.serving.edge import EdgeMiddleware, error_body
-from retrieval_lora.serving.errors import Forbidden, InvalidRequest, Overloaded, ServingError
+from retrieval_lora.serving.errors import Forbidden, InvalidRequest, ModelNotFound, Overloaded, ServingError
 from retrieval_lora.serving.metrics import CONTENT_TYPE, exposition, metrics_registry
 from retrieval_lora.serving.schemas import EmbeddingsRequest, RerankRequest
 from retrieval_lora.serving.service import RetrievalService
@@ -98,10 +98,24 @@ def create_app(service: RetrievalService, keys: KeyRing | None = None, limits: L
         request.state.tenant = who.name
         return who
 
-    def allowed(request: Request, who: Tenant, model: str) -> None:
+    def allowed(who: Tenant, model: str) -> str:
+        """The model's name without version, once `who` may use it (403 otherwise)."""
         name = model if model == service.base_name else split_spec(model)[0]
         who.check(name)
-        request.state.model = name  # the metrics label: only names this tenant may use
+        return name
+
+    async def submit(request: Request, name: str, call) -> Future:
+        """`call()` in the thread pool; the metrics label is the model's name once it resolved (a name
+        this tenant may use and that exists), so callers cannot make labels up."""
+        try:
+            future = await run_in_threadpool(call)
+        except ModelNotFound:
+            raise
+        except ServingError:
+            request.state.model = name
+            raise
+        request.state.model = name
+        return future
 
     @app.get("/health")
     async def health() -> dict:
@@ -131,11 +145,11 @@ def create_app(service: RetrievalService, keys: KeyRing | None = None, limits: L
     @app.post("/v1/embeddings")
     async def embeddings(request: Request, body: EmbeddingsRequest, who: Tenant = Depends(tenant)) -> dict:
         started = time.monotonic()
-        allowed(request, who, body.model)
+        name = allowed(who, body.model)
         texts = body.texts()
         limits.check_inputs(texts)
-        future = await run_in_threadpool(lambda: service.submit_embed(body.model, texts, tenant=who.name,
-                                                                      truncate=body.truncate))
+        future = await submit(request, name, lambda: service.submit_embed(body.model, texts, tenant=who.name,
+                                                                          truncate=body.truncate))
         result = await _outcome(future, started, limits)
         dim = result.vectors.shape[1]
         if body.dimensions is not None and body.dimensions != dim:
@@ -149,11 +163,11 @@ def create_app(service: RetrievalService, keys: KeyRing | None = None, limits: L
     @app.post("/v1/rerank")
     async def rerank(request: Request, body: RerankRequest, who: Tenant = Depends(tenant)) -> dict:
         started = time.monotonic()
-        allowed(request, who, body.model)
+        name = allowed(who, body.model)
         documents = body.document_texts()
         limits.check_rerank(body.query, documents)
-        future = await run_in_threadpool(lambda: service.submit_rerank(body.model, body.query, documents, body.top_n,
-                                                                       tenant=who.name, truncate=body.truncate))
+        future = await submit(request, name, lambda: service.submit_rerank(
+            body.model, body.query, documents, body.top_n, tenant=who.name, truncate=body.truncate))
         ranking = await _outcome(future, started, limits)
         results = []
         for hit in ranking.results:

@@ -6,8 +6,8 @@ never share counters). Two kinds of metrics:
   `retrieval_lora_requests_total{endpoint, model, status}` and
   `retrieval_lora_request_duration_seconds{endpoint, model, status}` (histogram). `endpoint` is
   the route (unknown paths are "other"); `model` is the adapter name without version (or the
-  base's name) once the tenant was allowed to use it, else "" (so names never come from
-  callers that may not use them, and labels stay few).
+  base's name) once it resolved: a name the tenant may use and that exists. Otherwise "" (401,
+  403, 404, a malformed body), so callers cannot make labels up and their number stays bounded.
 - Read from the service at every scrape (`ServiceCollector`): per task, the rows and requests
   waiting (`retrieval_lora_queue_rows`, `retrieval_lora_queue_requests`), adapters in memory
   (`retrieval_lora_adapters_loaded`), forward passes, rows, rows per pass (histogram
