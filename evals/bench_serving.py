@@ -106,7 +106,8 @@ def build_registry(root: Path, count: int) -> list[str]:
                                   AdapterMetadata(task=task, base_model=DEFAULT_BASE,
                                                   base_fingerprint=base_fingerprint(model)))
             name = f"{task[:3]}-{index:02d}"
-            registry.promote(name, registry.register(name, folder).version)
+            # random weights, never evaluated: promoting them needs force (the history says so)
+            registry.promote(name, registry.register(name, folder).version, force=True, reason="benchmark adapter")
             names.append(name)
     return names
 
@@ -129,6 +130,7 @@ def start_server(registry: Path, keys: Path, preload: list[str], mixed_lora: str
 
 
 def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float = 600) -> None:
+    """Wait until the server's /ready answers 200 (it listens at once and loads its bases in the background)."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -136,7 +138,7 @@ def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float = 
         if process.poll() is not None:
             raise SystemExit(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
