@@ -150,15 +150,83 @@ def test_approximate_index_reports_recall(embedder, tiny_beir: Path, tmp_path: P
     assert exact["kind"] == "exact" and "recall" not in exact
 
 
-def test_ivf_recall_is_measured_against_exact_search() -> None:
-    rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((4000, 16)).astype(np.float32)
+def _clustered(rows: int, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((rows, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    queries = vectors[:300] + 0.1 * rng.standard_normal((300, 16)).astype(np.float32)
+    queries = vectors[:300] + 0.1 * rng.standard_normal((300, dim)).astype(np.float32)
+    return vectors, queries
+
+
+def test_ivf_recall_is_measured_against_exact_search() -> None:
+    vectors, queries = _clustered(4000)
     common = dict(approximate_above=10**6, ef_search=16, recall_queries=100, seed=0)
-    rough = search_corpus(vectors, queries, 50, kind="ivf", nprobe=1, **common).info["recall"]
+    rough = search_corpus(vectors, queries, 50, MiningConfig(index="ivf", nprobe=1, **common)).info["recall"]
     assert 0.0 < rough["recall_at_k"] < 1.0 and rough["queries"] == 100
-    assert search_corpus(vectors, queries, 50, kind="ivf", nprobe=10**4, **common).info["recall"]["recall_at_k"] == 1.0
+    full = search_corpus(vectors, queries, 50, MiningConfig(index="ivf", nprobe=10**4, **common))
+    assert full.info["recall"]["recall_at_k"] == 1.0
+
+
+def test_streamed_exact_search_equals_a_flat_index(monkeypatch) -> None:
+    import faiss
+
+    from retrieval_lora.mining import index as index_module
+
+    vectors, queries = _clustered(5000)
+    flat = faiss.IndexFlatIP(16)
+    flat.add(vectors)
+    scores, rows = flat.search(queries, 40)
+    monkeypatch.setattr(index_module, "INDEX_CHUNK", 777)  # several chunks, the last one short
+    streamed_rows, streamed_scores = index_module.exact_search(vectors, queries, 40)
+    assert np.array_equal(streamed_rows, rows) and np.allclose(streamed_scores, scores, atol=1e-6)
+    assert index_module.exact_search(vectors[:10], queries[:2], 40)[0].shape == (2, 10)  # k capped at the corpus
+
+
+def test_ivfpq_trains_on_a_sample_reads_memory_mapped_vectors_and_returns_exact_scores(tmp_path: Path) -> None:
+    from retrieval_lora.mining.index import exact_search
+
+    rng = np.random.default_rng(0)  # 60 topics in 32 dimensions: structure a product quantizer can use
+    vectors = rng.standard_normal((60, 32)).astype(np.float32)[rng.integers(0, 60, 12000)]
+    vectors += 0.5 * rng.standard_normal(vectors.shape).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[:300] + 0.05 * rng.standard_normal((300, 32)).astype(np.float32)
+    path = tmp_path / "vectors.npy"
+    np.save(path, vectors.astype(np.float16))  # as the embedding cache stores them
+    mapped = np.load(path, mmap_mode="r")
+    stored = mapped.astype(np.float32)
+    settings = dict(index="ivfpq", pq_bytes=8, train_sample=10000, nprobe=8, recall_queries=300, seed=0)
+    coarse = search_corpus(mapped, queries, 20, MiningConfig(refine=1, **settings))
+    refined = search_corpus(mapped, queries, 20, MiningConfig(refine=8, **settings))
+    params = refined.info["params"]
+    assert params["train_sample"] == 10000 and params["bytes_per_document"] == 16 and params["nlist"] == 256
+    assert coarse.info["recall"]["recall_at_k"] < 0.8 < 0.99 < refined.info["recall"]["recall_at_k"]
+    # scores are exact inner products of the stored vectors, whatever the compressed codes said
+    found = refined.indices >= 0
+    exact = np.einsum("qd,qkd->qk", queries, stored[np.where(found, refined.indices, 0)])
+    assert found.all() and np.allclose(refined.scores, exact, atol=1e-5)
+    assert (np.diff(refined.scores, axis=1) <= 1e-7).all()  # best first
+    truth, _ = exact_search(stored, queries, 20)
+    assert np.mean([len(set(a) & set(b)) / 20 for a, b in zip(truth, refined.indices)]) == pytest.approx(
+        refined.info["recall"]["recall_at_k"])
+
+
+def test_ivfpq_settings_are_checked() -> None:
+    vectors, queries = _clustered(500, dim=24)
+    with pytest.raises(MiningError, match=r"pq_bytes=16 does not divide the embedding dimension 24.*\[8, 24\]"):
+        search_corpus(vectors, queries, 5, MiningConfig(index="ivfpq", pq_bytes=16))
+    with pytest.raises(ConfigError, match="refine=0"):
+        MiningConfig(refine=0)
+    with pytest.raises(ConfigError, match="nlist=-1"):
+        MiningConfig(nlist=-1)
+
+
+def test_auto_index_compresses_above_compress_above() -> None:
+    from retrieval_lora.mining.index import choose_index
+
+    assert choose_index("auto", 10, 100, 1000)[0] == "exact"
+    assert choose_index("auto", 500, 100, 1000)[0] == "hnsw"
+    assert choose_index("auto", 5000, 100, 1000) == ("ivfpq", "auto: 5000 documents > compress_above=1000")
+    assert choose_index("ivfpq", 10, 100, 1000) == ("ivfpq", "asked for")
 
 
 def test_query_whose_positives_are_all_missing_is_skipped_and_counted(embedder, tiny_beir: Path) -> None:

@@ -8,7 +8,7 @@ from retrieval_lora.config import field
 from retrieval_lora.errors import ConfigError
 
 SAMPLINGS = ("top", "random")
-INDEXES = ("auto", "exact", "ivf", "hnsw")
+INDEXES = ("auto", "exact", "ivf", "hnsw", "ivfpq")
 CACHE_DTYPES = ("float16", "float32")
 SHORT_ROWS = ("drop", "fill")
 
@@ -35,9 +35,14 @@ class MiningConfig:
     short_rows: str = field("drop", "a row with fewer than `negatives` guarded candidates in the window: 'drop' it (counted) or 'fill' it with the best-ranked guarded candidates past the window, down to --fill-depth")
     fill_depth: int = field(1000, "with --short-rows fill: end (exclusive, positives excluded) of the ranking searched for fill candidates; at most the corpus size")
     sampling: str = field("top", "which survivors become negatives: 'top' (best ranked) or 'random' (seeded sample)")
-    index: str = field("auto", "FAISS index: 'exact' (flat inner product), 'ivf', 'hnsw', or 'auto' (approximate above --approximate-above documents)")
+    index: str = field("auto", "FAISS index: 'exact' (inner product, streamed over the vectors), 'ivf', 'hnsw', 'ivfpq' (compressed codes, trained on a sample; for corpora that do not fit flat in memory), or 'auto' (HNSW above --approximate-above documents, IVF-PQ above --compress-above)")
     approximate_above: int = field(500_000, "with --index auto: use an HNSW index for corpora larger than this")
-    nprobe: int = field(32, "IVF only: clusters visited per query (more = higher recall, slower)")
+    compress_above: int = field(2_000_000, "with --index auto: use an IVF-PQ index for corpora larger than this (a flat or HNSW index keeps 4 bytes per dimension per document: 3 GB at 2M x 384)")
+    nlist: int = field(0, "IVF and IVF-PQ: number of clusters; 0 = 4 sqrt(documents) (at least 39 training vectors each)")
+    nprobe: int = field(32, "IVF and IVF-PQ: clusters visited per query (more = higher recall, slower)")
+    pq_bytes: int = field(64, "IVF-PQ only: bytes per document code (one 8-bit sub-quantizer per byte); must divide the embedding dimension")
+    train_sample: int = field(200_000, "IVF-PQ only: vectors (a seeded sample of the corpus) the clusters and codes are trained on")
+    refine: int = field(4, "IVF-PQ only: candidates per wanted result taken from the compressed index and rescored exactly from the stored vectors (1 = rescore only the results)")
     ef_search: int = field(256, "HNSW only: search breadth (raised to the search depth if lower)")
     recall_queries: int = field(200, "approximate index: queries (seeded sample) whose recall against exact search is measured")
     seed: int = field(42, "seed of random sampling and of the recall sample")
@@ -66,7 +71,10 @@ class MiningConfig:
         if self.short_rows == "fill" and self.fill_depth <= self.rank_end:
             problems.append(f"fill_depth={self.fill_depth}: must be above rank_end={self.rank_end} with short_rows='fill' "
                             "(fill candidates come from the ranks past the window)")
-        for name in ("approximate_above", "nprobe", "ef_search", "recall_queries", "batch_size"):
+        if self.nlist < 0:
+            problems.append(f"nlist={self.nlist}: must be >= 0 (0 = 4 sqrt(documents))")
+        for name in ("approximate_above", "compress_above", "nprobe", "ef_search", "recall_queries", "batch_size",
+                     "pq_bytes", "train_sample", "refine"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)}: must be >= 1")
         if problems:

@@ -6,7 +6,7 @@ Reads top to bottom as check -> plan -> encode -> search -> select -> assemble:
     plan:     one row per (query, labelled positive present in the corpus); queries whose
               positives are all missing are skipped and counted
     encode:   each distinct corpus text and each query once, through the embedding cache
-    search:   FAISS top-k (exact, IVF or HNSW; recall reported for approximate ones)
+    search:   FAISS top-k (exact, IVF, HNSW or IVF-PQ; recall reported for approximate ones)
     select:   rank window without positives -> margin guard -> optional cross-encoder guard
               -> `top` or seeded `random` choice; rows left with too few negatives are dropped,
               or (`short_rows="fill"`) completed from the guarded ranks past the window
@@ -309,9 +309,7 @@ def mine_hard_negatives(model: SentenceTransformer, dataset: RetrievalDataset, s
     rows = _rows_of(plan, corpus)
     depth = min(len(corpus.vectors), _fill_end(config, len(corpus.vectors))
                 + max(len(positives) for positives in rows.positive_rows))
-    search = search_corpus(corpus.vectors, queries, depth, kind=config.index,
-                           approximate_above=config.approximate_above, nprobe=config.nprobe,
-                           ef_search=config.ef_search, recall_queries=config.recall_queries, seed=config.seed)
+    search = search_corpus(corpus.vectors, queries, depth, config)
     seconds["search"] = search.info["build_seconds"] + search.info["search_seconds"]
     chosen = _select(search, rows, corpus, queries, plan, config, _load_cross_encoder(config, cross_encoder), seconds)
     enough = chosen.enough
