@@ -133,9 +133,10 @@ def _artifacts(name: str, outcome: SpecializeOutcome, report_markdown: str) -> N
     header = (f"**{outcome.status.upper()}** {outcome.version}. Training: {outcome.training}. "
               f"Data fingerprint `{outcome.data_fingerprint}`.\n\n")
     # The UI cannot fetch the plot file beside report.md: point at the self-contained HTML report instead.
-    body = "\n".join(line for line in report_markdown.splitlines() if not line.startswith("!["))
-    footer = f"\n\nPer-query plot and full report: `{Path(outcome.report_dir) / 'report.html'}`\n"
-    create_markdown_artifact(header + body + footer, key=f"specialize-report-{slug}",
+    html = Path(outcome.report_dir) / "report.html"
+    body = "\n".join(f"The plot is in the self-contained HTML report: `{html}`" if line.startswith("![") else line
+                     for line in report_markdown.splitlines())
+    create_markdown_artifact(header + body, key=f"specialize-report-{slug}",
                              description=f"{name}: evaluation report and gate decision")
     metrics = outcome.metrics
     rows = [{"metric": metric, "baseline": round(base, 4), "adapter": round(metrics["adapter"][metric], 4),
@@ -253,8 +254,13 @@ def parameters_from_args(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def run(**parameters: Any) -> SpecializeOutcome:
-    """Run the flow and return its outcome, whether it promoted or ended in the Rejected state."""
-    return specialize(**parameters, return_state=True).result(raise_on_failure=False)
+    """Run the flow and return its outcome, whether it promoted or ended in the Rejected state.
+
+    The run is created with every setting resolved (defaults filled in), so the Prefect UI's
+    Parameters tab shows what the run used, not only what the caller typed.
+    """
+    resolved = specialize.validate_parameters(parameters)
+    return specialize(**resolved, return_state=True).result(raise_on_failure=False)
 
 
 def main(argv: list[str] | None = None) -> int:

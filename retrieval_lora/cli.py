@@ -46,6 +46,8 @@ def _add_field(parser: Any, dest: str, flag: str, fld: dataclasses.Field, kind: 
     if default is not None:  # a None default ("optional", or decided by other settings) is explained by the help text
         help_text += f" (default: {default})"
     allowed = choices.get(dest.rsplit(".", 1)[-1])
+    if typing.get_origin(kind) is typing.Literal:  # a typed choice: its values are the flag's choices
+        allowed, kind = typing.get_args(kind), str
     if kind is bool:
         parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
     else:

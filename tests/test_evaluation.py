@@ -220,7 +220,7 @@ def test_base_alone_then_its_saved_run_as_the_baseline(adapter_dirs: dict[str, P
     assert evaluate_main(common + adapter + ["--output", str(tmp_path / "a"), "--baseline-run",
                                             str(out / "runs" / "base.trec"), "--baseline-name", "saved base"]) == 0
     registry = Registry(tmp_path / "reg")
-    registry.promote("tiny", registry.register("tiny", adapter_dirs["embedder"]).version)
+    registry.promote("tiny", registry.register("tiny", adapter_dirs["embedder"]).version, force=True)  # no gate ran
     assert evaluate_main(common + ["--adapter", "tiny", "--registry", str(registry.root), "--no-save-runs",
                                    "--output", str(tmp_path / "b")]) == 0  # the promoted version, from the registry
     saved, recomputed = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("a", "b"))

