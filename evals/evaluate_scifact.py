@@ -19,20 +19,12 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from harness import RESULTS, arguments, command_line, dataset_or_skip, datasets_root, read_results, write_results
 
 PUBLISHED_NDCG10, TOLERANCE = 0.645, 0.002
-
-
-def _evaluate_base(dataset, evaluation, data, out: Path) -> tuple[dict, float]:
-    from retrieval_lora import pipeline
-    from retrieval_lora.models import DEFAULT_BASE
-
-    started = time.time()
-    metrics = pipeline.evaluate_base("embedder", DEFAULT_BASE, dataset, evaluation, data, out)
-    return metrics, time.time() - started
 
 
 def _evaluate_adapter(dataset, evaluation, data, adapter: str, out: Path):
@@ -98,7 +90,6 @@ def main() -> int:
                         help="embedding cache (float32): the base corpus is encoded once across runs")
     args = parser.parse_args()
     dataset_or_skip(Path(args.dataset).name, Path(args.dataset).parent)
-    from retrieval_lora.evaluation import read_trec_run, write_trec_run
     from retrieval_lora.pipeline import DataConfig, EvaluationConfig, load_data
 
     summary = read_results(RESULTS / "scifact_evaluation")
@@ -107,18 +98,23 @@ def main() -> int:
     dataset = load_data(data)
     evaluation = EvaluationConfig(split="test", batch_size=args.batch_size, save_runs=False, cache=True)
     if not args.skip_base:
-        metrics, seconds = _evaluate_base(dataset, EvaluationConfig(**{**evaluation.__dict__, "save_runs": True}),
-                                          data, RESULTS / "scifact_base")
-        write_trec_run(read_trec_run(RESULTS / "scifact_base" / "runs" / "base.trec"), args.base_run, "frozen-base")
-        shutil.rmtree(RESULTS / "scifact_base" / "runs")  # large and reproducible: kept outside the repository
+        from retrieval_lora import pipeline
+        from retrieval_lora.models import DEFAULT_BASE
+
+        started, out = time.time(), RESULTS / "scifact_base"
+        metrics = pipeline.evaluate_base("embedder", DEFAULT_BASE, dataset, replace(evaluation, save_runs=True), data, out)
+        seconds = time.time() - started
+        Path(args.base_run).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(out / "runs" / "base.trec", args.base_run)  # large and reproducible: kept out of the repository
+        shutil.rmtree(out / "runs")
         ndcg = metrics["ndcg@10"]
         summary["base"] = {"command": command, "metrics": metrics, "seconds": round(seconds, 1),
                            "reproduced": abs(ndcg - PUBLISHED_NDCG10) <= TOLERANCE}
         print(f"frozen base nDCG@10 = {ndcg:.4f} (published {PUBLISHED_NDCG10} +- {TOLERANCE}) in {seconds:.0f}s")
     if args.adapter:
         baseline = args.base_run if Path(args.base_run).is_file() else None
-        with_baseline = EvaluationConfig(**{**evaluation.__dict__, "baseline_run": baseline, "baseline_name":
-                                            "frozen base embedder (run of the base evaluation above)" if baseline else None})
+        with_baseline = replace(evaluation, baseline_run=baseline, baseline_name="frozen base embedder (run of the "
+                                "base evaluation above)" if baseline else None)
         comparison, decision, seconds = _evaluate_adapter(dataset, with_baseline, data, args.adapter,
                                                           RESULTS / "scifact_adapter_vs_base")
         paired = comparison.paired.to_dict()
