@@ -199,10 +199,11 @@ def markdown(report: dict) -> str:
     ours = next(r for r in runs if r["method"] == "ours-cold")
     peer = next(r for r in runs if r["method"].startswith("peer"))
     encode = ours["encode_seconds"]
+    share = lambda seconds: f"{100 * seconds / encode:.1f}%" if encode else "n/a: the cache was already filled"  # noqa: E731
     lines += ["", f"Encoding (ours-cold, {ours['texts_encoded']} texts): {encode} s wall. Search + selection + rows "
-                  f"after encoding: ours {ours['non_encode_seconds']} s ({100 * ours['non_encode_seconds'] / encode:.1f}% of "
+                  f"after encoding: ours {ours['non_encode_seconds']} s ({share(ours['non_encode_seconds'])} of "
                   f"encoding; target <= 10%), peer {peer['non_encode_seconds']} s "
-                  f"({100 * peer['non_encode_seconds'] / encode:.1f}% of the same encoding).",
+                  f"({share(peer['non_encode_seconds'])} of the same encoding).",
               "", f"Queries dropped: ours {ours['queries_in'] - ours['queries_out']} "
                   f"(reasons: {ours['queries_skipped']}), peer {peer['queries_dropped']}. "
                   f"Rows dropped: ours {ours['rows_dropped']}, peer {peer['rows_possible'] - peer['rows_written']}.",
