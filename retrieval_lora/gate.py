@@ -9,7 +9,13 @@ A candidate passes only when every check passes:
 5. when the name already has a promoted version (the champion) and `against_champion` is on,
    the candidate also gains at least `min_gain` over the champion on the same queries, with no
    other metric significantly worse (significance of that gain is not required: a retrained
-   adapter that is as good within noise stays a challenger, the champion keeps serving).
+   adapter that is as good within noise stays a challenger, the champion keeps serving);
+6. for each extra baseline in `must_beat`: `bm25` (the adapter against BM25 alone) and `hybrid`
+   (BM25 + adapter against BM25 + frozen base, fused the same way; for a reranker, the adapter
+   against the frozen reranker over that hybrid first stage): a gain of at least `min_gain`,
+   significant when `require_significance` is on;
+7. on each guard dataset (`evaluation.guard_data`), the primary metric drops by at most
+   `guard_max_drop` from the frozen base to the adapter (the adapter must not forget).
 
 The baseline is whatever `evaluation.compare_with_base` chose: for an embedder the frozen
 base, for a reranker the better of the first stage alone and the frozen base reranker.
@@ -28,6 +34,9 @@ from typing import TYPE_CHECKING, Any
 from retrieval_lora.config import field
 from retrieval_lora.errors import ConfigError
 
+BASELINE_NAMES = ("base", "bm25", "hybrid")
+BASELINE_LABELS = {"bm25": "BM25", "hybrid": "the BM25 + frozen base hybrid"}
+
 if TYPE_CHECKING:  # only annotations: the policy imports without ranx, so flags are checked in a second
     from retrieval_lora.evaluation import MetricResult, PairedComparison
 
@@ -44,6 +53,11 @@ class GatePolicy:
     against_champion: bool = field(True, "when the name already has a promoted version (the champion), the candidate "
                                          "must also beat it by min_gain on the primary metric with no metric "
                                          "significantly worse; off: judge against the frozen base only")
+    must_beat: str = field("base", "comma-separated baselines the candidate must beat by min_gain (significantly, "
+                                   "if require_significance): base (the frozen base, always judged), bm25 (the "
+                                   "adapter vs BM25 alone), hybrid (BM25 + adapter vs BM25 + frozen base)")
+    guard_max_drop: float = field(0.01, "largest drop of the primary metric allowed on each guard dataset "
+                                        "(--eval-guard-data), frozen base -> adapter (0.01 = one point)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -55,8 +69,18 @@ class GatePolicy:
             problems.append(f"min_gain={self.min_gain}: must be >= 0 (a candidate must not be worse)")
         if not self.primary_metric.strip():
             problems.append("primary_metric is empty: give a ranx metric name such as ndcg@10")
+        unknown = [name for name in self.required_baselines if name not in BASELINE_NAMES]
+        if unknown:
+            problems.append(f"must_beat={self.must_beat!r}: {', '.join(unknown)} unknown; use {', '.join(BASELINE_NAMES)}")
+        if self.guard_max_drop < 0:
+            problems.append(f"guard_max_drop={self.guard_max_drop}: must be >= 0 (0: no drop at all on a guard)")
         if problems:
             raise ConfigError("invalid gate policy: " + "; ".join(problems))
+
+    @property
+    def required_baselines(self) -> tuple[str, ...]:
+        """The extra baselines of `must_beat` (the frozen base is always judged)."""
+        return tuple(dict.fromkeys(n.strip() for n in self.must_beat.split(",") if n.strip() and n.strip() != "base"))
 
 
 @dataclass
@@ -146,20 +170,50 @@ def _champion_checks(champion: PairedComparison, policy: GatePolicy) -> dict[str
             "champion_regression": (worse_ok, f"against the champion {name}: {worse_text}")}
 
 
+def _baseline_checks(role: str, comparison: PairedComparison | None, policy: GatePolicy) -> dict[str, tuple[bool, str]]:
+    """The candidate against an extra baseline of `must_beat`: the gain, and its significance."""
+    label = BASELINE_LABELS[role]
+    if comparison is None:
+        raise ConfigError(f"the gate's must_beat names {role}, but the evaluation has no row for {label}; evaluate "
+                          "with BM25 on (--eval-bm25) and a fusion method (--eval-fusion)")
+    result = comparison.metrics[policy.primary_metric]
+    ok, text = _gain_check(result, policy)
+    significant_ok, significant_text = _significance_check(result, policy, comparison.stat_test)
+    who = f"against {label} ({comparison.baseline_name} vs {comparison.candidate_name})"
+    return {f"{role}_gain": (ok, f"{who}: {text}"), f"{role}_significance": (significant_ok, f"{who}: {significant_text}")}
+
+
+def _guard_check(name: str, guard: PairedComparison, policy: GatePolicy) -> tuple[bool, str]:
+    result = guard.metrics[policy.primary_metric]
+    drop = -result.delta
+    text = (f"on the guard dataset {name} ({guard.split}, {guard.num_queries} queries) {result.metric} went from "
+            f"{result.baseline:.4f} (frozen base) to {result.candidate:.4f} (adapter), {result.delta:+.4f} "
+            f"({_fmt_p(result.p_value)})")
+    if drop > policy.guard_max_drop:
+        return False, (f"the adapter forgets: {text}, a drop larger than the {policy.guard_max_drop:.4f} allowed "
+                       "(guard_max_drop)")
+    return True, f"{text}; a drop of at most {policy.guard_max_drop:.4f} is allowed"
+
+
 def decide(comparison: PairedComparison, policy: GatePolicy | None = None,
-           champion: PairedComparison | None = None) -> GateDecision:
+           champion: PairedComparison | None = None, *, baselines: dict[str, PairedComparison] | None = None,
+           guards: dict[str, PairedComparison] | None = None) -> GateDecision:
     """Apply `policy` to a baseline-vs-candidate comparison (and to champion-vs-candidate, if given).
 
     Args:
         comparison: from `evaluation.compare_runs` or `compare_with_base(...).paired`.
         champion: the promoted version (baseline) against the candidate on the same queries; its
             checks apply when `policy.against_champion` is on. None: the first version of a name.
+        baselines: the extra baselines ("bm25", "hybrid") against their candidate, e.g.
+            `{role: comparison.tests[key] for role, key in comparison.roles.items()}`; those named in
+            `policy.must_beat` are judged.
+        guards: guard dataset name -> frozen base (baseline) vs adapter on it; each is judged.
 
     Returns:
         GateDecision with `passed` and a reason per check, failed checks first.
 
     Raises:
-        ConfigError: the policy's primary metric was not evaluated.
+        ConfigError: the policy's primary metric was not evaluated, or a required baseline is missing.
     """
     policy = policy or GatePolicy()
     if policy.primary_metric not in comparison.metrics:
@@ -175,6 +229,10 @@ def decide(comparison: PairedComparison, policy: GatePolicy | None = None,
     judged_champion = champion if policy.against_champion else None
     if judged_champion is not None:
         checks.update(_champion_checks(judged_champion, policy))
+    for role in policy.required_baselines:
+        checks.update(_baseline_checks(role, (baselines or {}).get(role), policy))
+    for name, guard in (guards or {}).items():
+        checks[f"guard:{name}"] = _guard_check(name, guard, policy)
     failed = [name for name, (ok, _) in checks.items() if not ok]
     reasons = [checks[name][1] for name in failed] + [text for ok, text in checks.values() if ok]
     return GateDecision(passed=not failed, reasons=reasons, primary_metric=policy.primary_metric,

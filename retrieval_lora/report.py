@@ -13,9 +13,11 @@ no mark: the difference may be noise.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,17 +78,102 @@ def _metric_rows(comparison: PairedComparison, alpha: float) -> list[list[str]]:
 METRIC_HEADER = ["metric", "baseline", "candidate", "delta", "p-value", "better / worse / same"]
 
 
+ADAPTER_ROLES = ("adapter", "hybrid-adapter", "adapter-reranker")
+
+
+def _test_name(stat_test: str) -> str:
+    return "paired t-test" if stat_test == "student" else f"{stat_test} randomization test"
+
+
+def _p_text(p_value: float) -> str:
+    return "p < 0.0001" if p_value < 1e-4 else f"p = {p_value:.4f}"
+
+
+def verdict(comparison: Comparison, alpha: float = 0.05) -> str:
+    """One sentence: which pipeline scores best on the primary metric, and whether it beats the runner-up
+    significantly. "" when the comparison has no pipeline rows."""
+    best, test = comparison.best_system(), comparison.best_vs_runner_up
+    metric = comparison.primary_metric
+    if best is None or test is None:
+        return ""
+    result = test.metrics[metric]
+    significance = (f"significant at {alpha}" if result.significant(alpha) and result.delta > 0
+                    else "not significant: the two may be equally good")
+    adapter = "" if best.role in ADAPTER_ROLES else "; no pipeline with the adapter beats it"
+    return (f"Best pipeline by {metric} on {comparison.split}: {best.name} at {result.candidate:.4f}, "
+            f"{result.delta:+.4f} over the runner-up {test.baseline_name} ({result.baseline:.4f}; "
+            f"{_test_name(test.stat_test)}, {_p_text(result.p_value)}, {significance}){adapter}.")
+
+
+def _system_cells(comparison: Comparison, alpha: float) -> list[list[str]]:
+    metric, best = comparison.primary_metric, comparison.best_system()
+    rows = []
+    for row in comparison.systems:
+        test = comparison.tests.get(row.name)
+        if test is None:
+            against = ["-", "-", "-"]
+        else:
+            r = test.metrics[metric]
+            against = [test.candidate_name, f"{r.delta:+.4f} {significance_mark(r.delta, r.p_value, alpha)}".strip(),
+                       f"{r.p_value:.4f}"]
+        name = f"{row.name} (best)" if row is best else row.name
+        rows.append([name, *(f"{value:.4f}" for value in row.metrics.values()), *against])
+    return rows
+
+
+def systems_blocks(comparison: Comparison, alpha: float) -> list[Block]:
+    """The main table: every pipeline a user could ship on the same queries, the paired test of each
+    baseline row against the adapter's counterpart, the verdict, how each hybrid was fused, and guards."""
+    if not comparison.systems:
+        return []
+    metric = comparison.primary_metric
+    header = ["system", *comparison.systems[0].metrics, "tested against", f"delta {metric}", "p-value"]
+    blocks: list[Block] = [("h2", "Pipelines on the same queries"), ("p", verdict(comparison, alpha)),
+                           ("table", header, _system_cells(comparison, alpha)),
+                           ("p", f"delta: the row named in 'tested against' minus this row ({_test_name(next(iter(comparison.tests.values())).stat_test) if comparison.tests else 'paired test'}); "
+                                 f"▲ / ▼: significantly better / worse (p < {alpha}).")]
+    if comparison.fusion:
+        blocks.append(("ul", [f"{name}: {choice.reason}" for name, choice in comparison.fusion.items()]))
+    if comparison.guards:
+        blocks += [("h2", "Guard datasets (forgetting)"),
+                   ("table", ["guard", "split", "queries", f"frozen base {metric}", f"adapter {metric}", "delta", "p-value"],
+                    [[name, g.split, str(g.num_queries), f"{g.metrics[metric].baseline:.4f}",
+                      f"{g.metrics[metric].candidate:.4f}",
+                      f"{g.metrics[metric].delta:+.4f} {significance_mark(g.metrics[metric].delta, g.metrics[metric].p_value, alpha)}".strip(),
+                      f"{g.metrics[metric].p_value:.4f}"] for name, g in comparison.guards.items()])]
+    return blocks
+
+
+def system_lines(comparison: Comparison, alpha: float = 0.05) -> list[str]:
+    """The main table as plain text for a terminal: one line per pipeline, then the verdict."""
+    metric = comparison.primary_metric
+    width = max(len(row.name) for row in comparison.systems)
+    lines = [f"{'system':<{width}} {metric:>9}  vs the adapter's counterpart"]
+    for row in comparison.systems:
+        test = comparison.tests.get(row.name)
+        note = "" if test is None else (f"{test.metrics[metric].delta:+.4f} (p {test.metrics[metric].p_value:.4f}) "
+                                        f"for {test.candidate_name}")
+        lines.append(f"{row.name:<{width}} {row.metrics[metric]:>9.4f}  {note}")
+    lines += [f"{name} (guard): {metric} {g.metrics[metric].baseline:.4f} -> {g.metrics[metric].candidate:.4f} "
+              f"({g.metrics[metric].delta:+.4f})" for name, g in comparison.guards.items()]
+    return lines + [verdict(comparison, alpha)]
+
+
 def comparison_blocks(comparison: PairedComparison, decision: GateDecision | None, *, title: str, alpha: float,
                       primary_metric: str, details: dict[str, Any] | None = None, worst: int = 10,
-                      champion: PairedComparison | None = None) -> list[Block]:
-    """The report's content for a baseline-vs-candidate comparison (and champion-vs-candidate, if any)."""
-    test = "paired t-test" if comparison.stat_test == "student" else f"{comparison.stat_test} randomization test"
+                      champion: PairedComparison | None = None, pipelines: Comparison | None = None) -> list[Block]:
+    """The report's content for a baseline-vs-candidate comparison (and champion-vs-candidate, if any);
+    with `pipelines` (the whole evaluation), its table of every pipeline first."""
+    test = _test_name(comparison.stat_test)
     blocks: list[Block] = [("h1", title), ("p", f"Split **{comparison.split}**, {comparison.num_queries} queries. "
                                                 f"Baseline: **{comparison.baseline_name}**. Candidate: "
                                                 f"**{comparison.candidate_name}**. Significance: {test}, alpha = {alpha}.")]
     if decision is not None:
         blocks += [("h2", f"Gate decision: {'PASSED' if decision.passed else 'FAILED'}"), ("ul", decision.reasons)]
-    blocks += [("h2", "Metrics"), ("table", METRIC_HEADER, _metric_rows(comparison, alpha)),
+    if pipelines is not None:
+        blocks += systems_blocks(pipelines, alpha)
+    blocks += [("h2", f"Metrics against {comparison.baseline_name}" if pipelines is not None and pipelines.systems
+                else "Metrics"), ("table", METRIC_HEADER, _metric_rows(comparison, alpha)),
                ("p", f"▲ / ▼: significantly better / worse (p < {alpha}); no mark: may be noise.")]
     if champion is not None:
         blocks += [("h2", f"Against the promoted champion {champion.baseline_name}"),
@@ -196,20 +283,44 @@ def write_report(out_dir: str | Path, blocks: list[Block], plot_png: bytes | Non
 def write_comparison_report(out_dir: str | Path, comparison: PairedComparison, decision: GateDecision | None = None,
                             *, title: str = "Adapter vs frozen base", alpha: float = 0.05,
                             primary_metric: str | None = None, details: dict[str, Any] | None = None,
-                            worst: int = 10, champion: PairedComparison | None = None) -> ReportFiles:
+                            worst: int = 10, champion: PairedComparison | None = None,
+                            pipelines: Comparison | None = None) -> ReportFiles:
     """Render and write the full report of a comparison (and its gate decision, if any).
 
     `primary_metric` (default: the decision's, else the first evaluated) is the one plotted and
-    whose worst regressions are listed.
+    whose worst regressions are listed. `pipelines`: the whole evaluation, for the table of every pipeline.
     """
     primary = primary_metric or (decision.primary_metric if decision else next(iter(comparison.metrics)))
     blocks = comparison_blocks(comparison, decision, title=title, alpha=alpha, primary_metric=primary,
-                               details=details, worst=worst, champion=champion)
+                               details=details, worst=worst, champion=champion, pipelines=pipelines)
     return write_report(out_dir, blocks, plot_query_deltas(comparison, primary))
 
 
-def comparison_summary(comparison: Comparison) -> dict[str, Any]:
-    """Small JSON-ready metrics of a comparison (what the registry stores as metrics.json)."""
+def _test_summary(test: PairedComparison) -> dict[str, Any]:
+    return {"baseline": test.baseline_name, "candidate": test.candidate_name, "num_queries": test.num_queries,
+            "delta": {m: r.delta for m, r in test.metrics.items()},
+            "p_value": {m: r.p_value for m, r in test.metrics.items()}}
+
+
+def systems_summary(comparison: Comparison, alpha: float = 0.05) -> dict[str, Any]:
+    """The pipeline rows as JSON-ready data: rows, tests, fusion choices, best row and verdict, guards."""
+    if not comparison.systems and not comparison.guards:
+        return {}
+    best = comparison.best_system()
+    return {"systems": [{"name": r.name, "role": r.role, "first_stage": r.first_stage, "metrics": r.metrics}
+                        for r in comparison.systems],
+            "tests": {name: _test_summary(test) for name, test in comparison.tests.items()},
+            "gate_baselines": dict(comparison.roles),
+            "fusion": {name: dataclasses.asdict(choice) for name, choice in comparison.fusion.items()},
+            "best": best.name if best else None, "verdict": verdict(comparison, alpha),
+            "guards": {name: {**_test_summary(g), "split": g.split,
+                              "metrics": {m: {"base": r.baseline, "adapter": r.candidate} for m, r in g.metrics.items()}}
+                       for name, g in comparison.guards.items()}}
+
+
+def comparison_summary(comparison: Comparison, alpha: float = 0.05) -> dict[str, Any]:
+    """Small JSON-ready metrics of a comparison (what the registry stores as metrics.json), the
+    pipeline rows (BM25, hybrids, rerankers over each first stage), their tests and the guards included."""
     paired = comparison.paired
     summary: dict[str, Any] = {"split": comparison.split, "baseline_name": comparison.baseline_name,
                                "baseline": comparison.baseline, "adapter": comparison.adapter,
@@ -223,7 +334,7 @@ def comparison_summary(comparison: Comparison) -> dict[str, Any]:
         summary["champion"] = {"spec": comparison.champion.baseline_name,
                                "metrics": {m: r.baseline for m, r in comparison.champion.metrics.items()},
                                "p_value": {m: r.p_value for m, r in comparison.champion.metrics.items()}}
-    return summary
+    return {**summary, **systems_summary(comparison, alpha)}
 
 
 def write_evaluation(out_dir: str | Path, comparison: Comparison, decision: GateDecision | None = None, *,
@@ -245,8 +356,9 @@ def write_evaluation(out_dir: str | Path, comparison: Comparison, decision: Gate
     target = Path(out_dir)
     staging = staging_dir(target)
     write_comparison_report(staging, comparison.paired, decision, title=title, alpha=alpha,
-                            primary_metric=primary_metric, details=details, worst=worst, champion=comparison.champion)
-    write_json_atomic(staging / "metrics.json", comparison_summary(comparison))
+                            primary_metric=primary_metric, details=details, worst=worst, champion=comparison.champion,
+                            pipelines=comparison)
+    write_json_atomic(staging / "metrics.json", comparison_summary(comparison, alpha))
     write_json_atomic(staging / "comparison.json", comparison.paired.to_dict())
     if comparison.champion is not None:
         write_json_atomic(staging / "champion_comparison.json", comparison.champion.to_dict())
@@ -255,6 +367,9 @@ def write_evaluation(out_dir: str | Path, comparison: Comparison, decision: Gate
     if save_runs:
         write_trec_run(comparison.baseline_run, staging / "runs" / "baseline.trec", "baseline")
         write_trec_run(comparison.adapter_run, staging / "runs" / "adapter.trec", "adapter")
+        for name, run in comparison.system_runs.items():  # every pipeline row, named by a slug of its row
+            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+            write_trec_run(run, staging / "runs" / "systems" / f"{slug}.trec", slug)
     if config is not None:
         save_config(config, staging / "config.yaml")
     for name, data in (extra_files or {}).items():

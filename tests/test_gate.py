@@ -101,3 +101,40 @@ def test_decision_serializes_with_its_policy() -> None:
     data = decide(_compare(BASELINE)).to_dict()
     assert data["passed"] is False and data["policy"]["alpha"] == 0.05
     assert data["failed_checks"] == ["gain", "significance"]  # identical runs: no gain, nothing to test
+
+
+# ---- baselines beyond the frozen base, and guards ---------------------------------------------
+BETTER = _run([(1 + i % 2, 8) for i in range(N)])  # clearly better than BASELINE
+BEST = _run([(1, 2) for _ in range(N)])  # both relevant documents on top
+
+
+def test_a_candidate_that_beats_the_base_but_loses_to_bm25_is_refused_when_bm25_is_required() -> None:
+    against_base = _compare(BETTER)
+    against_bm25 = compare_runs(QRELS, BEST, BETTER, metrics=("ndcg@10", "mrr@10"), split="synthetic",
+                                baseline_name="BM25", candidate_name="adapter")
+    assert decide(against_base, baselines={"bm25": against_bm25}).passed  # the default judges the frozen base only
+    decision = decide(against_base, GatePolicy(must_beat="base,bm25"), baselines={"bm25": against_bm25})
+    assert not decision.passed and decision.failed_checks == ["bm25_gain", "bm25_significance"]
+    assert decision.reasons[0].startswith("against BM25 (BM25 vs adapter): the candidate is worse: ndcg@10 went from")
+    with pytest.raises(ConfigError, match="must_beat names hybrid, but the evaluation has no row for the BM25 \\+ "
+                                          "frozen base hybrid"):
+        decide(against_base, GatePolicy(must_beat="hybrid"), baselines={"bm25": against_bm25})
+    with pytest.raises(ConfigError, match="must_beat='base,keyword': keyword unknown; use base, bm25, hybrid"):
+        GatePolicy(must_beat="base,keyword")
+
+
+def test_a_candidate_whose_guard_drops_too_far_is_refused() -> None:
+    against_base = _compare(BETTER)
+    guard = compare_runs(QRELS, BEST, BETTER, metrics=("ndcg@10",), split="test", baseline_name="frozen base",
+                         candidate_name="adapter")
+    drop = -guard.metrics["ndcg@10"].delta
+    assert drop > 0.1
+    decision = decide(against_base, GatePolicy(guard_max_drop=0.05), guards={"nfcorpus": guard})
+    assert not decision.passed and decision.failed_checks == ["guard:nfcorpus"]
+    assert decision.reasons[0].startswith("the adapter forgets: on the guard dataset nfcorpus (test, 40 queries) "
+                                          "ndcg@10 went from ")
+    assert "a drop larger than the 0.0500 allowed (guard_max_drop)" in decision.reasons[0]
+    assert decide(against_base, GatePolicy(guard_max_drop=drop + 0.01), guards={"nfcorpus": guard}).passed
+    steady = compare_runs(QRELS, BETTER, BETTER, metrics=("ndcg@10",), split="test")
+    kept = decide(against_base, GatePolicy(guard_max_drop=0.0), guards={"nfcorpus": steady})
+    assert kept.passed and any("+0.0000 (p = 1.0000); a drop of at most 0.0000 is allowed" in r for r in kept.reasons)

@@ -12,7 +12,10 @@ uses exact inner-product search in FAISS over normalized embeddings (cosine simi
   test (`ranx.compare`), per-query scores, wins/losses/ties and the worst regressions.
 - `compare_with_base`: all of the above for an adapter against its frozen base. For a
   reranker the baseline is the better (on the primary metric) of the first-stage ranking alone
-  and the frozen base reranker.
+  and the frozen base reranker. With `Baselines`, also the rows a user compares on the same
+  queries: BM25 (`lexical.bm25_runs`, bm25s), BM25 + dense hybrids (`fusion`, ranx `fuse`,
+  convex weights chosen on the dev split only), and for a reranker each first stage reranked.
+- `guard_comparison`: frozen base vs adapter on another dataset (does the adapter forget?).
 
 A query of the split that is missing from a run scores 0 on every metric (it was not answered).
 """
@@ -21,10 +24,13 @@ from retrieval_lora.evaluation.settings import DEFAULT_METRICS, STAT_TESTS
 from retrieval_lora.lazy import lazy_exports
 
 __getattr__ = lazy_exports(__name__, {
-    "Comparison": ".comparison", "compare_with_base": ".comparison",
+    **{name: ".comparison" for name in ("Baselines", "Comparison", "SystemRow", "compare_with_base", "guard_comparison")},
+    **{name: ".fusion" for name in ("FUSION_METHODS", "FusionChoice", "choose_fusion", "fuse_runs")},
+    **{name: ".lexical" for name in ("BM25Settings", "bm25_runs", "build_bm25_index")},
     **{name: ".metrics" for name in ("TIE_TOLERANCE", "MetricResult", "PairedComparison", "QueryDelta", "check_metrics",
                                      "compare_runs", "score_run")},
-    **{name: ".runs" for name in ("Run", "check_run_ids", "rerank", "retrieve", "search", "ranked", "self_hits")},
+    **{name: ".runs" for name in ("Run", "check_run_ids", "rerank", "rerank_many", "retrieve", "retrieve_splits",
+                                  "search", "ranked", "self_hits")},
     "read_trec_run": ".trec", "write_trec_run": ".trec",
 })
 

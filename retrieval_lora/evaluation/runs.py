@@ -48,16 +48,27 @@ def retrieve(model: SentenceTransformer, dataset: RetrievalDataset, split: str, 
     Raises:
         DataError: `split` does not exist (the message lists the splits that do).
     """
-    queries = dataset.split_queries(split)
+    return retrieve_splits(model, dataset, [split], k=k, batch_size=batch_size, show_progress=show_progress,
+                           exclude_self=exclude_self, cache=cache)[split]
+
+
+def retrieve_splits(model: SentenceTransformer, dataset: RetrievalDataset, splits: list[str], *, k: int = 100,
+                    batch_size: int = 64, show_progress: bool = True, exclude_self: bool = False,
+                    cache: EmbeddingCache | None = None) -> dict[str, Run]:
+    """`retrieve` for several splits (split -> run), the corpus encoded once. Raises DataError (missing split)."""
+    queries = {split: dataset.split_queries(split) for split in splits}  # a missing split fails before encoding
     if cache is not None:
         doc_ids, doc_embeddings = encode_corpus_cached(model, dataset, cache, batch_size=batch_size,
                                                        show_progress=show_progress).per_document()
     else:
         doc_ids, doc_embeddings = encode_corpus(model, dataset, batch_size=batch_size, show_progress=show_progress)
-    query_ids = list(queries)
-    query_embeddings = encode_texts(model, [queries[q] for q in query_ids], batch_size=batch_size,
-                                    show_progress=False)
-    return search(doc_ids, doc_embeddings, query_ids, query_embeddings, k, exclude_self=exclude_self)
+    runs = {}
+    for split, texts in queries.items():
+        query_ids = list(texts)
+        query_embeddings = encode_texts(model, [texts[q] for q in query_ids], batch_size=batch_size,
+                                        show_progress=False)
+        runs[split] = search(doc_ids, doc_embeddings, query_ids, query_embeddings, k, exclude_self=exclude_self)
+    return runs
 
 
 def self_hits(run: Run) -> int:
@@ -94,22 +105,34 @@ def rerank(model: CrossEncoder, dataset: RetrievalDataset, first_stage: Run, *, 
     Raises:
         EvaluationError: the first stage names ids the dataset does not have.
     """
-    check_run_ids(first_stage, dataset, "the first-stage run")
-    pairs, keys = [], []
-    for query_id, ranking in first_stage.items():
-        for doc_id, _ in ranked(ranking)[:k]:
-            pairs.append((dataset.queries[query_id], dataset.corpus[doc_id].full_text))
-            keys.append((query_id, doc_id))
+    return rerank_many(model, dataset, {"first stage": first_stage}, k=k, batch_size=batch_size,
+                       show_progress=show_progress)["first stage"]
+
+
+def rerank_many(model: CrossEncoder, dataset: RetrievalDataset, first_stages: dict[str, Run], *, k: int = 100,
+                batch_size: int = 64, show_progress: bool = True) -> dict[str, Run]:
+    """`rerank` of several first stages (name -> run), each distinct (query, document) pair scored once:
+    first stages of one query overlap, and scoring is the cost. Raises EvaluationError (unknown ids)."""
+    for name, run in first_stages.items():
+        check_run_ids(run, dataset, f"the first-stage run ({name})" if len(first_stages) > 1 else "the first-stage run")
+    keys = sorted({(query_id, doc_id) for run in first_stages.values() for query_id, ranking in run.items()
+                   for doc_id, _ in ranked(ranking)[:k]})
+    pairs = [(dataset.queries[query_id], dataset.corpus[doc_id].full_text) for query_id, doc_id in keys]
     if show_progress:
         print(f"Reranking {len(pairs)} (query, document) pairs", flush=True)
     scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=show_progress, convert_to_numpy=True) \
         if pairs else []
-    run: Run = {query_id: {} for query_id in first_stage}
-    for (query_id, doc_id), score in zip(keys, np.asarray(scores).reshape(-1)):
-        run[query_id][doc_id] = float(score)
-    for query_id, ranking in first_stage.items():  # documents below k keep their order, under the reranked ones
+    scored = {key: float(score) for key, score in zip(keys, np.asarray(scores).reshape(-1))}
+    return {name: _reranked(run, scored, k) for name, run in first_stages.items()}
+
+
+def _reranked(first_stage: Run, scored: dict[tuple[str, str], float], k: int) -> Run:
+    run: Run = {}
+    for query_id, ranking in first_stage.items():
+        order = ranked(ranking)
+        run[query_id] = {doc_id: scored[(query_id, doc_id)] for doc_id, _ in order[:k]}
         floor = min(run[query_id].values(), default=0.0)
-        for rank, (doc_id, _) in enumerate(ranked(ranking)[k:], start=1):
+        for rank, (doc_id, _) in enumerate(order[k:], start=1):  # below k: the first stage's order, under the reranked
             run[query_id][doc_id] = floor - rank
     return run
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from retrieval_lora.config import field
 from retrieval_lora.data import RetrievalDataset, load_dataset
 from retrieval_lora.errors import ConfigError
-from retrieval_lora.evaluation.settings import DEFAULT_METRICS, STAT_TESTS
+from retrieval_lora.evaluation.settings import DEFAULT_METRICS, FUSION_METHODS, STAT_TESTS
 from retrieval_lora.gate import GatePolicy
 from retrieval_lora.mining.config import MiningConfig
 from retrieval_lora.training.config import TrainConfig
@@ -65,6 +65,20 @@ class EvaluationConfig:
                                "section's cache folder; default: encode every time")
     worst: int = field(10, "number of worst-regressed queries listed in the report")
     save_runs: bool = field(True, "write the runs as TREC files under <report>/runs")
+    bm25: bool = field(True, "also score BM25 (bm25s, stemmed; index cached under the data section's cache folder) "
+                             "and BM25 + dense hybrids on the same queries, with paired tests against the adapter")
+    bm25_k1: float = field(0.9, "BM25 k1 (Pyserini's BEIR baseline: 0.9)")
+    bm25_b: float = field(0.4, "BM25 b (Pyserini's BEIR baseline: 0.4)")
+    bm25_stemmer: str = field("english", "PyStemmer (Snowball) algorithm for BM25 terms; '' for none")
+    fusion: str = field("convex,rrf", "hybrid methods, comma-separated: convex (min-max normalised weighted sum, "
+                                      "the weight chosen on --eval-fusion-split) and/or rrf (reciprocal rank, k=60)")
+    fusion_split: str = field("dev", "split the convex fusion weight is chosen on, never the evaluated split; a "
+                                     "dataset without it uses equal weights (0.5) and the report says so")
+    first_stage_adapter: str | None = field(None, "reranker: an embedder adapter (folder or registry NAME[@N]) whose "
+                                                  "retrieval, alone and fused with BM25, is reranked too")
+    guard_data: str | None = field(None, "comma-separated BEIR folders on which the frozen base and the adapter are "
+                                         "also compared (a forgetting guard; the gate's guard_max_drop applies)")
+    guard_split: str = field("test", "qrels split of each guard dataset")
 
     def __post_init__(self) -> None:
         problems = [f"{name}={getattr(self, name)}: must be > 0"
@@ -73,12 +87,28 @@ class EvaluationConfig:
             problems.append(f"stat_test={self.stat_test!r}: must be one of {', '.join(STAT_TESTS)}")
         if not self.metric_names:
             problems.append("metrics is empty: give ranx names such as ndcg@10,mrr@10")
+        unknown = [m for m in self.fusion_methods if m not in FUSION_METHODS]
+        if unknown:
+            problems.append(f"fusion={self.fusion!r}: {', '.join(unknown)} unknown; use {', '.join(FUSION_METHODS)}")
+        if self.fusion_split == self.split:
+            problems.append(f"fusion_split={self.fusion_split!r} is the evaluated split: fusion weights must be "
+                            "chosen on other queries (e.g. dev)")
+        if self.bm25_k1 < 0 or not 0 <= self.bm25_b <= 1:
+            problems.append(f"bm25_k1={self.bm25_k1}, bm25_b={self.bm25_b}: need k1 >= 0 and 0 <= b <= 1")
         if problems:
             raise ConfigError("invalid evaluation settings: " + "; ".join(problems))
 
     @property
     def metric_names(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.metrics.split(",") if name.strip())
+
+    @property
+    def fusion_methods(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.fusion.split(",") if name.strip())
+
+    @property
+    def guard_folders(self) -> tuple[str, ...]:
+        return tuple(path.strip() for path in (self.guard_data or "").split(",") if path.strip())
 
 
 @dataclass
@@ -92,10 +122,17 @@ class PublishConfig:
 
 
 def check_gate_metric(gate: GatePolicy, evaluation: EvaluationConfig) -> None:
-    """The gate judges a metric the evaluation computes. Raises ConfigError naming the fix."""
+    """The gate judges a metric, and baselines, the evaluation computes. Raises ConfigError naming the fix."""
     if gate.primary_metric not in evaluation.metric_names:
         raise ConfigError(f"the gate's primary_metric {gate.primary_metric!r} is not among the evaluation metrics "
                           f"{evaluation.metrics!r}; add it to --eval-metrics")
+    lexical = [name for name in gate.required_baselines if name in ("bm25", "hybrid")]
+    if lexical and not evaluation.bm25:
+        raise ConfigError(f"the gate's must_beat names {', '.join(lexical)}, but the evaluation scores no BM25 "
+                          "(--no-eval-bm25); turn BM25 on or drop them from --gate-must-beat")
+    if "hybrid" in gate.required_baselines and not evaluation.fusion_methods:
+        raise ConfigError("the gate's must_beat names hybrid, but the evaluation fuses nothing (--eval-fusion is "
+                          "empty); give a fusion method or drop hybrid from --gate-must-beat")
 
 
 @dataclass

@@ -20,13 +20,14 @@ from typing import Any, Iterator
 
 from datasets import Dataset
 
-from retrieval_lora.data import RetrievalDataset, dataset_fingerprint, load_pairs, pairs_fingerprint
+from retrieval_lora.data import RetrievalDataset, dataset_fingerprint, load_dataset, load_pairs, pairs_fingerprint
 from retrieval_lora.data.pairs import pairs_from_qrels
 from retrieval_lora.embedding_cache import EmbeddingCache
 from retrieval_lora.errors import RegistryError
 from retrieval_lora.config import save_config
 from retrieval_lora.evaluation import (
-    Comparison, compare_with_base, read_trec_run, rerank, retrieve, score_run, self_hits, write_trec_run,
+    Baselines, BM25Settings, Comparison, compare_with_base, guard_comparison, read_trec_run, rerank, retrieve,
+    score_run, self_hits, write_trec_run,
 )
 from retrieval_lora.gate import GateDecision, GatePolicy
 from retrieval_lora.gate import decide as gate_decide
@@ -35,7 +36,7 @@ from retrieval_lora.mining import MiningConfig, mine_hard_negatives, save_mining
 from retrieval_lora.models import load_adapter, load_base, read_adapter_metadata
 from retrieval_lora.pipeline.config import DataConfig, EvaluationConfig, PublishConfig
 from retrieval_lora.registry import Registry
-from retrieval_lora.report import ReportFiles, comparison_summary, metrics_blocks, write_evaluation
+from retrieval_lora.report import ReportFiles, comparison_summary, metrics_blocks, system_lines, write_evaluation
 from retrieval_lora.report import write_report as write_report_blocks
 from retrieval_lora.training import TrainConfig, TrainResult, mining_config, train_adapter
 
@@ -168,22 +169,51 @@ def evaluate_candidate(candidate: Candidate, dataset: RetrievalDataset, evaluati
     """
     first_stage = read_trec_run(evaluation.first_stage, dataset) if evaluation.first_stage else None
     baseline_run = read_trec_run(evaluation.baseline_run, dataset) if evaluation.baseline_run else None
+    guards = {path: load_dataset(path, strict=data.strict) for path in evaluation.guard_folders}
+    for guard in guards.values():  # a missing guard split fails before any model loads
+        guard.split_qrels(evaluation.guard_split)
     cache = EmbeddingCache(data.cache_dir, dtype="float32") if evaluation.cache and data.cache_dir else None
     champion_model = None
     if champion is not None:
         promoted = Registry(registry).resolve(champion)
         champion_model = load_candidate(Candidate(candidate.task, promoted.adapter_dir, None,
                                                   candidate.max_seq_length, candidate.device))
+    first_stage_model = None
+    if evaluation.first_stage_adapter and candidate.task == "reranker":
+        folder = _adapter_folder(evaluation.first_stage_adapter, registry)
+        first_stage_model = load_candidate(Candidate("embedder", folder, None, candidate.max_seq_length,
+                                                     candidate.device))
+    model = load_candidate(candidate)
     comparison = compare_with_base(
-        candidate.task, load_candidate(candidate), dataset, evaluation.split, base=candidate.base_model,
+        candidate.task, model, dataset, evaluation.split, base=candidate.base_model,
         k=evaluation.top_k, rerank_k=evaluation.rerank_top_k, batch_size=evaluation.batch_size,
         metrics=evaluation.metric_names, stat_test=evaluation.stat_test, primary_metric=primary_metric,
         exclude_self=data.exclude_self, first_stage=first_stage, base_reranker=evaluation.base_reranker,
         show_progress=show_progress, cache=cache, baseline_run=baseline_run,
         baseline_name=evaluation.baseline_name or f"baseline run {Path(str(evaluation.baseline_run)).name}",
-        champion=champion_model, champion_name=champion or "champion")
+        champion=champion_model, champion_name=champion or "champion", baselines=baselines_of(evaluation, data),
+        first_stage_model=first_stage_model,
+        first_stage_name=f"embedder adapter {Path(str(evaluation.first_stage_adapter)).name}")
+    for path, guard in guards.items():
+        comparison.guards[guard.name] = guard_comparison(
+            candidate.task, model, guard, evaluation.guard_split, base=candidate.base_model, k=evaluation.top_k,
+            rerank_k=evaluation.rerank_top_k, batch_size=evaluation.batch_size, metrics=evaluation.metric_names,
+            stat_test=evaluation.stat_test, show_progress=show_progress, cache=cache)
     _warn_self_hits(comparison, data)
     return comparison
+
+
+def baselines_of(evaluation: EvaluationConfig, data: DataConfig) -> Baselines:
+    """The extra rows an evaluation scores (BM25 and its hybrids), as `evaluation` and `data` say."""
+    bm25 = BM25Settings(k1=evaluation.bm25_k1, b=evaluation.bm25_b, stemmer=evaluation.bm25_stemmer) \
+        if evaluation.bm25 else None
+    return Baselines(bm25=bm25, fusion=evaluation.fusion_methods if evaluation.bm25 else (),
+                     dev_split=evaluation.fusion_split, cache_dir=data.cache_dir or None)
+
+
+def _adapter_folder(spec: str, registry: str | None) -> Path:
+    """An adapter folder, or the folder of a registry entry NAME[@N]."""
+    return Path(spec) if Path(spec).is_dir() else Registry(registry).resolve(spec).adapter_dir
 
 
 def _warn_self_hits(comparison: Comparison, data: DataConfig) -> None:
@@ -197,8 +227,10 @@ def _warn_self_hits(comparison: Comparison, data: DataConfig) -> None:
 
 
 def decide(comparison: Comparison, gate: GatePolicy) -> GateDecision:
-    """The gate's decision on `comparison` (and on its champion comparison), one reason per check."""
-    return gate_decide(comparison.paired, gate, comparison.champion)
+    """The gate's decision on `comparison` (its champion comparison, the extra baselines of `gate.must_beat`
+    and the guard datasets included), one reason per check."""
+    baselines = {role: comparison.tests[key] for role, key in comparison.roles.items() if key in comparison.tests}
+    return gate_decide(comparison.paired, gate, comparison.champion, baselines=baselines, guards=comparison.guards)
 
 
 def format_outcome(comparison: Comparison, decision: GateDecision | None) -> str:
@@ -208,6 +240,8 @@ def format_outcome(comparison: Comparison, decision: GateDecision | None) -> str
              f"{paired.num_queries} queries; baseline = {paired.baseline_name})"]
     for name, r in paired.metrics.items():
         lines.append(f"{name:<12} {r.baseline:>8.4f} {r.candidate:>8.4f} {r.delta:>+8.4f} {r.p_value:>8.4f}")
+    if comparison.systems:
+        lines += ["", *system_lines(comparison)]
     if decision is not None:
         lines.append(f"gate: {'PASSED' if decision.passed else 'FAILED'}")
         lines += [f"  - {reason}" for reason in decision.reasons]
@@ -218,6 +252,11 @@ def report_details(dataset: RetrievalDataset, candidate: Candidate, evaluation: 
                    data: DataConfig, **extra: Any) -> dict[str, Any]:
     """The settings a report states beside its table, unreachable relevance judgements included."""
     dropped = dataset.split_dropped(evaluation.split)
+    lexical = baselines_of(evaluation, data).bm25
+    extra = {"BM25": lexical.describe() if lexical else "off", "fusion": evaluation.fusion or "-",
+             "fusion weight split": evaluation.fusion_split if evaluation.fusion_split in dataset.splits else
+             f"{evaluation.fusion_split} (missing: equal weights)",
+             "guard datasets": ", ".join(evaluation.guard_folders) or "-", **extra}
     return {"dataset": str(dataset.root), "dataset fingerprint": dataset_fingerprint(dataset),
             "task": candidate.task, "base model": f"{candidate.base_model} (full precision, as served)",
             "adapter": str(candidate.adapter_dir), "top k": evaluation.top_k,
@@ -308,8 +347,8 @@ def publish(publish: PublishConfig, comparison: Comparison, decision: GateDecisi
     if (promoted.version if promoted else None) != expected:
         return Published("stale", f"Not registered: {name} now promotes {promoted.spec if promoted else 'nothing'}, "
                                   f"not {decision.champion or 'nothing'} as when the gate decided; evaluate again")
-    version = registry.register(name, Path(adapter_dir), metrics=comparison_summary(comparison),
-                                decision=decision.to_dict(), report_dir=Path(report_dir), config=config)
+    summary = comparison_summary(comparison, decision.policy["alpha"])
+    version = registry.register(name, Path(adapter_dir), metrics=summary, decision=decision.to_dict(), report_dir=Path(report_dir), config=config)
     try:
         registry.promote(name, version.version, reason=f"gate passed: {decision.reasons[0]}", expected=expected)
     except RegistryError as exc:  # a promotion landed between the check and the switch
