@@ -56,6 +56,24 @@ def write_beir(root: Path, corpus: dict[str, tuple[str, str]], queries: dict[str
     return root
 
 
+# Code names mapped to unrelated sentences: the base cannot know the pairs, a few steps learn them.
+# Evaluated on the training pairs themselves: tests on it are about wiring, not generalization, and
+# need an adapter that really beats its base.
+CODE_NAMES = ["falcon", "otter", "granite", "lantern", "meadow", "quartz", "saffron", "tundra"]
+SENTENCES = ["The quarterly budget was approved on Monday.", "Fresh bread is sold at the corner shop.",
+             "The bridge closes for repairs in spring.", "Our choir rehearses every Thursday night.",
+             "The printer on the third floor is jammed.", "A new bus line opens next to the park.",
+             "The museum extends its hours in summer.", "Tickets for the final sold out quickly."]
+
+
+def write_learnable(root: Path, splits: tuple[str, ...] = ("train", "dev", "test")) -> Path:
+    """A BEIR folder at `root`: 8 queries 'project <code name>', each with one relevant sentence, in every split."""
+    corpus = {f"d{i}": ("", text) for i, text in enumerate(SENTENCES)}
+    queries = {f"q{i}": f"project {name}" for i, name in enumerate(CODE_NAMES)}
+    rows = [(f"q{i}", f"d{i}", 1) for i in range(len(CODE_NAMES))]
+    return write_beir(root, corpus, queries, {split: rows for split in splits})
+
+
 @pytest.fixture
 def tiny_beir(tmp_path: Path) -> Path:
     """12 labelled queries (8 train, 2 dev, 2 test) over 18 documents."""

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prefect.artifacts import Artifact
 
-from conftest import write_beir
+from conftest import SENTENCES, write_learnable
 from flows.deploy import build_deployment
 from flows.encode import encode_corpus, make_task_runner
 from flows.specialize import parameters_from_args, specialize
@@ -34,14 +34,6 @@ from retrieval_lora.training import last_complete_checkpoint
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
-# Code names mapped to unrelated sentences: the base cannot know the pairs, a few steps learn
-# them. Evaluated on the training pairs themselves: the test is about orchestration, not
-# generalization, and needs an adapter that really beats its base.
-CODE_NAMES = ["falcon", "otter", "granite", "lantern", "meadow", "quartz", "saffron", "tundra"]
-SENTENCES = ["The quarterly budget was approved on Monday.", "Fresh bread is sold at the corner shop.",
-             "The bridge closes for repairs in spring.", "Our choir rehearses every Thursday night.",
-             "The printer on the third floor is jammed.", "A new bus line opens next to the park.",
-             "The museum extends its hours in summer.", "Tickets for the final sold out quickly."]
 LENIENT_GATE = {"min_gain": 0.0, "require_significance": False, "max_regressed_share": 1.0}
 STRICT_GATE = {"min_gain": 0.99}
 
@@ -67,11 +59,7 @@ def test_the_nightly_deployment_has_a_cron_schedule_and_valid_parameters() -> No
 
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("flows")
-    corpus = {f"d{i}": ("", text) for i, text in enumerate(SENTENCES)}
-    queries = {f"q{i}": f"project {name}" for i, name in enumerate(CODE_NAMES)}
-    rows = [(f"q{i}", f"d{i}", 1) for i in range(len(CODE_NAMES))]
-    return write_beir(root / "learnable", corpus, queries, {"train": rows, "dev": rows, "test": rows})
+    return write_learnable(tmp_path_factory.mktemp("flows") / "learnable")
 
 
 def flow_parameters(data: Path, root: Path, **overrides) -> dict:

@@ -11,18 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_beir
+from conftest import write_learnable
 from retrieval_lora.data import load_beir, load_pairs, pairs_fingerprint
 from retrieval_lora.pipeline import DataConfig, EvaluationConfig, SpecializeConfig
 from retrieval_lora.registry import DEFAULT_REGISTRY, REGISTRY_ENV, registry_root
 
 pytestmark = pytest.mark.slow
 
-CODE_NAMES = ["falcon", "otter", "granite", "lantern", "meadow", "quartz", "saffron", "tundra"]
-SENTENCES = ["The quarterly budget was approved on Monday.", "Fresh bread is sold at the corner shop.",
-             "The bridge closes for repairs in spring.", "Our choir rehearses every Thursday night.",
-             "The printer on the third floor is jammed.", "A new bus line opens next to the park.",
-             "The museum extends its hours in summer.", "Tickets for the final sold out quickly."]
 TRAIN = {"max_seq_length": 32, "batch_size": 4, "epochs": 2, "lr": 5e-3, "dev_split": "", "checkpoint_steps": 100,
          "lora": {"rank": 8, "alpha": 16}}
 LENIENT_GATE = {"min_gain": 0.0, "require_significance": False, "max_regressed_share": 1.0}
@@ -30,10 +25,7 @@ LENIENT_GATE = {"min_gain": 0.0, "require_significance": False, "max_regressed_s
 
 @pytest.fixture
 def learnable(tmp_path: Path) -> Path:
-    corpus = {f"d{i}": ("", text) for i, text in enumerate(SENTENCES)}
-    queries = {f"q{i}": f"project {name}" for i, name in enumerate(CODE_NAMES)}
-    rows = [(f"q{i}", f"d{i}", 1) for i in range(len(CODE_NAMES))]
-    return write_beir(tmp_path / "learnable", corpus, queries, {"train": rows, "test": rows})
+    return write_learnable(tmp_path / "learnable", splits=("train", "test"))
 
 
 def _cli_flags(data: Path, root: Path) -> list[str]:
