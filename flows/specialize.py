@@ -62,7 +62,7 @@ from retrieval_lora.errors import ConfigError
 from retrieval_lora.gate import GatePolicy
 from retrieval_lora.mining import MiningConfig
 from retrieval_lora.pipeline import DataConfig, EvaluationConfig, PublishConfig, check_gate_metric
-from retrieval_lora.pipeline.verbs import find_champion
+from retrieval_lora.pipeline.verbs import find_champion, guard_fingerprints
 from retrieval_lora.training import TrainConfig, mining_config, weight_settings
 
 # Mining switches: the rows step applies them; their effect reaches training through the rows' fingerprint.
@@ -196,7 +196,7 @@ def specialize(data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig
     registry = str(registry_root(publish.registry).resolve())
     champion = find_champion(publish, name, trained["adapter_dir"]) if gate.against_champion else None
     eval_key = step_key("evaluate", train_key, plain(evaluation), data.exclude_self, gate.primary_metric, champion,
-                        registry if champion else None)
+                        registry if champion else None, guard_fingerprints(evaluation, data) or None)
     comparison = steps.run("evaluate", tasks.evaluate, key=eval_key, **source, adapter_dir=trained["adapter_dir"],
                            train=train, evaluation=evaluation, primary_metric=gate.primary_metric, champion=champion,
                            registry=registry)

@@ -203,6 +203,11 @@ def evaluate_candidate(candidate: Candidate, dataset: RetrievalDataset, evaluati
     return comparison
 
 
+def guard_fingerprints(evaluation: EvaluationConfig, data: DataConfig) -> dict[str, str]:
+    """Each guard folder's dataset fingerprint (a cache key input: a changed guard is evaluated again)."""
+    return {path: dataset_fingerprint(load_dataset(path, strict=data.strict)) for path in evaluation.guard_folders}
+
+
 def baselines_of(evaluation: EvaluationConfig, data: DataConfig) -> Baselines:
     """The extra rows an evaluation scores (BM25 and its hybrids), as `evaluation` and `data` say."""
     bm25 = BM25Settings(k1=evaluation.bm25_k1, b=evaluation.bm25_b, stemmer=evaluation.bm25_stemmer) \
