@@ -186,3 +186,34 @@ def test_a_dataset_without_dev_split_fuses_with_equal_weights_and_says_so(
     choices = list(comparison.fusion.values())
     assert len(choices) == 2 and all(c.weights == (0.5, 0.5) and c.chosen_on is None for c in choices)
     assert all("the dataset has no 'dev' split" in c.reason for c in choices)
+
+
+def test_a_reranker_is_measured_over_every_first_stage_against_the_frozen_reranker(
+        embedder_adapter: Path, tiny_beir: Path, base_path: str, tmp_path: Path) -> None:
+    from test_evaluation import _save_random_adapter
+    from retrieval_lora.pipeline import Candidate, decide, evaluate_candidate
+    from retrieval_lora.gate import GatePolicy
+
+    reranker = _save_random_adapter("reranker", base_path, tmp_path / "reranker")
+    dataset = load_dataset(str(tiny_beir))
+    evaluation = EvaluationConfig(top_k=10, rerank_top_k=5, fusion="convex", first_stage_adapter=str(embedder_adapter),
+                                  guard_data=str(tiny_beir), guard_split="dev")
+    comparison = evaluate_candidate(Candidate("reranker", reranker, base_path, 32), dataset, evaluation,
+                                    DataConfig(cache_dir=""), "ndcg@10", show_progress=False)
+    stages = list(dict.fromkeys(row.first_stage for row in comparison.systems))
+    assert stages[:2] == ["frozen base embedder", "BM25"] and stages[3] == "embedder adapter adapter"
+    assert stages[2].startswith("BM25 + frozen base embedder (convex, w_bm25 = ")  # chosen on the 2 dev queries
+    assert stages[4].startswith("BM25 + embedder adapter adapter (convex, w_bm25 = ") and len(stages) == 5
+    for stage in stages:  # each first stage alone, under the frozen reranker, under the adapter
+        assert [row.role for row in comparison.systems if row.first_stage == stage] == [
+            "first-stage", "frozen-reranker", "adapter-reranker"]
+        assert comparison.tests[f"frozen base reranker over {stage}"].candidate_name == f"adapter over {stage}"
+    assert comparison.roles == {"bm25": "BM25 (no reranking)", "hybrid": f"frozen base reranker over {stages[2]}"}
+    assert comparison.paired.baseline_name in ("first stage alone (no reranking)", "frozen base reranker")
+    guard = comparison.guards["tiny"]
+    assert guard.baseline_name == "frozen base reranker" and guard.split == "dev"
+    decision = decide(comparison, GatePolicy(must_beat="bm25,hybrid", guard_max_drop=1.0))
+    for start in ("against BM25 (BM25 (no reranking) vs adapter over frozen base embedder): ",
+                  f"against the BM25 + frozen base hybrid (frozen base reranker over {stages[2]} vs adapter over ",
+                  "on the guard dataset tiny (dev, 2 queries) ndcg@10 went from "):
+        assert any(reason.startswith(start) for reason in decision.reasons), start
