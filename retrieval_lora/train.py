@@ -9,6 +9,17 @@ stops after the report). With only `--task`, it runs on the built-in demo datase
 packaged all-MiniLM-L6-v2 base.
 
 Settings and data are checked before any model loads: a bad flag, folder or split fails at once.
+
+Data-parallel on several GPUs (or CPU processes, gloo) under a launcher; `--batch-size` is the
+global batch, split evenly across the processes:
+
+    torchrun --nproc_per_node 8 -m retrieval_lora.train --task embedder --data corpus/ --batch-size 256
+    accelerate launch --num_processes 8 -m retrieval_lora.train --task embedder --data corpus/ --batch-size 256
+
+Rank 0 builds the training rows (the others read them), every rank trains its share of each
+step, rank 0 writes the checkpoints and the adapter, and only rank 0 evaluates, gates, reports
+and publishes; the others exit 0 once training is done. `--resume` after a failed rank: start
+the same command again, with the same number of processes.
 """
 
 from __future__ import annotations
@@ -45,14 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     config = parse(argv)
     dataset = load_data(config.data)
     check_splits(dataset, config.train, config.evaluation)  # fails before any model loads
-    print(f"Dataset {dataset.root} ({len(dataset.corpus)} documents, splits {dataset.splits}, "
-          f"fingerprint {dataset_fingerprint(dataset)})", flush=True)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # one line per run, not one per launched process
+    if main_process:
+        print(f"Dataset {dataset.root} ({len(dataset.corpus)} documents, splits {dataset.splits}, "
+              f"fingerprint {dataset_fingerprint(dataset)})", flush=True)
     from retrieval_lora import pipeline  # the heavy libraries load from here on
+    from retrieval_lora.training import distributed
 
+    here = distributed.start(config.train.device)
     started, run_dir = time.time(), Path(config.output) / config.train.task
     rows = pipeline.build_rows(config.train, config.data, dataset, run_dir / "mining")
-    print(pipeline.describe_rows(rows, config.train.resolved_negatives), flush=True)
+    if here.is_main:
+        print(pipeline.describe_rows(rows, config.train.resolved_negatives), flush=True)
     result = pipeline.train(config.train, dataset, rows, run_dir)
+    distributed.finish()  # every rank has finished training; rank 0 alone judges and publishes
+    if not here.is_main:
+        return 0
+    if here.distributed:
+        print(f"Trained data-parallel on {here.size} processes (global batch {config.train.resolved_batch_size})")
     if result.resumed_from:
         print(f"Resumed from {result.resumed_from}")
     print(f"Trained {result.trainable:,} of {result.total:,} parameters "

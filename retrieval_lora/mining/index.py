@@ -162,8 +162,10 @@ def rescore(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k:
     return out_rows, out_scores
 
 
-def _search(index: faiss.Index | None, kind: str, vectors: np.ndarray, queries: np.ndarray, k: int,
-            config: MiningConfig) -> tuple[np.ndarray, np.ndarray]:
+def search_index(index: faiss.Index | None, kind: str, vectors: np.ndarray, queries: np.ndarray, k: int,
+                 config: MiningConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, scores) of the top `k` per query from an index `build_index` made (None: exact search);
+    IVF-PQ's `k x refine` compressed candidates are rescored exactly from `vectors`."""
     if index is None:
         return exact_search(vectors, queries, k)
     if kind == "ivfpq":
@@ -204,7 +206,7 @@ def search_corpus(vectors: np.ndarray, queries: np.ndarray, k: int, config: Mini
     started = time.perf_counter()
     index, params = build_index(resolved, vectors, config, k)
     built = time.perf_counter()
-    indices, scores = _search(index, resolved, vectors, queries, k, config)
+    indices, scores = search_index(index, resolved, vectors, queries, k, config)
     info = {"kind": resolved, "reason": why, "params": params, "documents": int(len(vectors)), "k": k,
             "build_seconds": round(built - started, 3), "search_seconds": round(time.perf_counter() - built, 3)}
     if resolved != "exact":

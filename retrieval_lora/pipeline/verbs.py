@@ -39,6 +39,7 @@ from retrieval_lora.registry import Registry
 from retrieval_lora.report import ReportFiles, comparison_summary, metrics_blocks, system_lines, write_evaluation
 from retrieval_lora.report import write_report as write_report_blocks
 from retrieval_lora.training import TrainConfig, TrainResult, mining_config, train_adapter
+from retrieval_lora.training.distributed import once
 
 SELF_HIT_WARNING_SHARE = 0.05  # queries retrieving their own id above this share look like ArguAna-style data
 
@@ -74,9 +75,22 @@ def build_rows(train: TrainConfig, data: DataConfig, dataset: RetrievalDataset, 
 
     `train.train_pairs` as given; else the train split's (query, positive) pairs with hard negatives
     mined by the frozen `train.miner or train.base` (`mining`, default `mining_config(train, ...)`,
-    cached under `data.cache_dir`); the plain pairs when `train.mines_negatives` is off.
+    cached under `data.cache_dir`); the plain pairs when `train.mines_negatives` is off. Under several
+    processes (torchrun, accelerate launch) rank 0 builds and saves them while the others wait, then
+    read the saved rows.
     """
     out = Path(out_dir)
+
+    def saved(made: dict[str, Any]) -> Rows:
+        return Rows(Dataset.load_from_disk(str(out / "rows")), out / "rows", made["fingerprint"], made["mined"],
+                    made["stats"])
+
+    return once(lambda: _build_rows(train, data, dataset, out, mining), share=saved,
+                summary=lambda rows: {"fingerprint": rows.fingerprint, "mined": rows.mined, "stats": rows.stats})
+
+
+def _build_rows(train: TrainConfig, data: DataConfig, dataset: RetrievalDataset, out: Path,
+                mining: MiningConfig | None) -> Rows:
     if train.train_pairs or not train.mines_negatives:
         rows = load_pairs(train.train_pairs) if train.train_pairs else pairs_from_qrels(dataset, train.train_split)
         staging = staging_dir(out)

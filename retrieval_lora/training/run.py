@@ -31,6 +31,7 @@ from retrieval_lora.models import (
     trainable_parameters,
 )
 from retrieval_lora.training.config import CHECKPOINT_FILES, DEV_METRIC, TrainConfig, json_ready, weight_settings
+from retrieval_lora.training.distributed import WholeGlobalBatches, per_device_batch, process_device, world
 
 @dataclass
 class TrainResult:
@@ -154,18 +155,32 @@ class ProgressLog(TrainerCallback):
                              f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s")
 
 
-def last_complete_checkpoint(checkpoints: Path) -> Path | None:
-    """The highest-step `checkpoint-N` folder that holds every file a resume needs, if any."""
+def last_complete_checkpoint(checkpoints: Path, processes: int = 1) -> Path | None:
+    """The highest-step `checkpoint-N` folder that holds every file a resume needs, if any; written by
+    `processes` processes, that includes each one's RNG state (rng_state_<rank>.pth), which every
+    process writes itself, so a checkpoint some rank did not finish is never resumed from."""
+    needed = CHECKPOINT_FILES + (tuple(f"rng_state_{rank}.pth" for rank in range(processes)) if processes > 1 else ())
     complete = [path for path in checkpoints.glob("checkpoint-*")
-                if path.name.split("-")[-1].isdigit() and all((path / name).is_file() for name in CHECKPOINT_FILES)]
+                if path.name.split("-")[-1].isdigit() and all((path / name).is_file() for name in needed)]
     return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
 
 
 def _check_resumable(config: TrainConfig, run_dir: Path, splits: list[str]) -> Path:
-    checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
-    if checkpoint is None:
-        raise TrainingError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}; "
+    processes, folder = world().size, run_dir / "checkpoints"
+    newest = last_complete_checkpoint(folder)  # every file rank 0 writes
+    if newest is None:
+        raise TrainingError(f"--resume: no complete checkpoint under {folder}; "
                             "start without --resume (checkpoints are written every --checkpoint-steps steps)")
+    state = yaml.safe_load((newest / "trainer_state.json").read_text()) or {}
+    written_per_process, per_process = state.get("train_batch_size"), per_device_batch(config.resolved_batch_size, processes)
+    if written_per_process and written_per_process != per_process:
+        raise TrainingError(f"--resume: {newest.name} was written with {written_per_process} rows per process per "
+                            f"step, this run has {processes} process(es) of {per_process}; resume with the interrupted "
+                            f"run's number of processes ({config.resolved_batch_size // written_per_process})")
+    checkpoint = last_complete_checkpoint(folder, processes)
+    if checkpoint is None:
+        raise TrainingError(f"--resume: no checkpoint under {folder} holds the RNG state of all {processes} processes "
+                            "(a rank failed before writing its share); start without --resume")
     saved_path = run_dir / "config.yaml"
     if saved_path.is_file():
         saved = yaml.safe_load(saved_path.read_text()) or {}
@@ -184,9 +199,9 @@ def _setup_rows(config: TrainConfig, dataset: RetrievalDataset) -> Dataset:
 
 
 def _setup_model(config: TrainConfig) -> RetrievalModel:
-    transformers.set_seed(config.seed)  # also seeds a reranker's new scoring head
+    transformers.set_seed(config.seed)  # also seeds a reranker's new scoring head (the same on every rank)
     model = load_base(config.task, config.base, qlora=config.qlora, max_seq_length=config.max_seq_length,
-                      device=config.device)
+                      device=process_device(config.device))
     if config.attention_dropout >= 0:
         set_attention_dropout(model, config.attention_dropout)
     attach_lora(model, config.task, config.lora)
@@ -211,10 +226,14 @@ def set_attention_dropout(model: torch.nn.Module, p: float) -> int:
 
 def _setup_loss(config: TrainConfig, model: RetrievalModel) -> torch.nn.Module:
     name = config.resolved_loss
+    # With several processes, each one's queries are ranked against the documents of the whole global
+    # batch (gathered from every process), as one process with that batch would rank them.
+    gather = world().distributed
     if name == "mnrl":
-        return embedder_losses.MultipleNegativesRankingLoss(model)
+        return embedder_losses.MultipleNegativesRankingLoss(model, gather_across_devices=gather)
     if name == "cached-mnrl":
-        return embedder_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size)
+        return embedder_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size,
+                                                                  gather_across_devices=gather)
     if name == "cached-listwise":
         return reranker_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size)
     if name == "listwise":
@@ -268,15 +287,19 @@ def _setup_dev_evaluator(config: TrainConfig, dataset: RetrievalDataset):
 
 
 def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, evaluator, workdir: Path):
+    processes = world().size
+    # `batch_size` is the global batch (all processes together), so a run means the same on any number of them.
+    per_process = per_device_batch(config.resolved_batch_size, processes)
     common: dict[str, Any] = dict(
         output_dir=str(workdir / "checkpoints"), num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.resolved_batch_size, per_device_eval_batch_size=config.resolved_batch_size,
+        per_device_train_batch_size=per_process, per_device_eval_batch_size=per_process,
         learning_rate=config.lr,
         warmup_steps=config.warmup_ratio,  # transformers 5 reads a float below 1 as a share of all steps
         lr_scheduler_type=config.schedule, seed=config.seed, data_seed=config.seed, logging_steps=5,
         save_strategy="steps", save_steps=config.checkpoint_steps, report_to="none",
         use_cpu=not torch.cuda.is_available() or config.device == "cpu",
-        batch_sampler=BatchSamplers.NO_DUPLICATES, activation_checkpointing=config.gradient_checkpointing,
+        batch_sampler=WholeGlobalBatches if processes > 1 else BatchSamplers.NO_DUPLICATES,
+        activation_checkpointing=config.gradient_checkpointing,
     )
     if evaluator is not None:
         common.update(eval_strategy="steps", eval_steps=config.checkpoint_steps, load_best_model_at_end=True,
@@ -305,9 +328,10 @@ def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path,
     Raises:
         TrainingError: `resume` without a usable checkpoint, or with changed settings.
     """
-    run_dir = Path(run_dir)
+    run_dir, here = Path(run_dir), world()
     resume_from = _check_resumable(config, run_dir, dataset.splits) if config.resume else None
-    save_config(config, run_dir / "config.yaml")
+    if here.is_main:  # the Trainer writes checkpoints from rank 0 too (each rank adds its RNG state)
+        save_config(config, run_dir / "config.yaml")
     rows = (_setup_rows(config, dataset) if rows is None else rows).shuffle(seed=config.seed)
     model = _setup_model(config)
     evaluator = _setup_dev_evaluator(config, dataset)
@@ -319,7 +343,7 @@ def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path,
     history = [entry for entry in trainer.state.log_history
                if "loss" in entry or any(key.startswith("eval_") for key in entry)]
     trend = loss_trend(history)
-    if trend is not None and not trend.fell:
+    if trend is not None and not trend.fell and here.is_main:
         warnings.warn(trend.warning(config.task), stacklevel=2)
     trainable, total = trainable_parameters(model)
     metadata = AdapterMetadata(
@@ -330,6 +354,7 @@ def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path,
                  "best_dev_metric": trainer.state.best_metric,
                  "training_loss": dataclasses.asdict(trend) | {"fell": trend.fell} if trend else None},
     )
-    adapter_dir = save_adapter(model, run_dir / "adapter", metadata)
+    # Every rank holds the same weights after the last all-reduce; one writes them.
+    adapter_dir = save_adapter(model, run_dir / "adapter", metadata) if here.is_main else run_dir / "adapter"
     return TrainResult(model, adapter_dir, metadata, len(rows), trainable, total, history,
                        trainer.state.best_model_checkpoint, str(resume_from) if resume_from else None, trend)
