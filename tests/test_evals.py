@@ -150,7 +150,7 @@ def _step_time(name: str) -> str:
 
 
 def _serving(name: str) -> str:
-    meta = _load("serving.json")
+    meta = _load(name.replace(".md", ".json"))
     return importlib.import_module("bench_serving")._markdown(meta.pop("results"), meta)
 
 
@@ -172,6 +172,7 @@ TABLES = {  # committed table -> how today's script writes it from the committed
     "scifact_evaluation.md": lambda n: importlib.import_module("evaluate_scifact")._summary_markdown(
         _load("scifact_evaluation.json")),
     "serving.md": _serving,
+    "serving_cpu_load.md": _serving,
     "step_time_nfcorpus.md": _step_time,
     "mining_downstream_scifact.md": _downstream,
 }
