@@ -95,25 +95,25 @@ def _run(setup: dict[str, Path], processes: int, output: Path, *extra: str) -> s
     return done
 
 
-def _adapter(output: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    folder = output / "embedder" / "adapter"
+def _adapter(output: Path, task: str = "embedder") -> tuple[dict[str, torch.Tensor], dict]:
+    folder = output / task / "adapter"
     return load_file(str(folder / "adapter_model.safetensors")), json.loads((folder / "retrieval_lora.json").read_text())
 
 
-def _losses(output: Path) -> list[float]:
-    checkpoint = last_complete_checkpoint(output / "embedder" / "checkpoints")
+def _losses(output: Path, task: str = "embedder") -> list[float]:
+    checkpoint = last_complete_checkpoint(output / task / "checkpoints")
     history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
     return [entry["loss"] for entry in history if "loss" in entry]
 
 
-def _assert_same_adapter(a: Path, b: Path, losses: bool = True) -> float:
-    (weights_a, meta_a), (weights_b, meta_b) = _adapter(a), _adapter(b)
+def _assert_same_adapter(a: Path, b: Path, losses: bool = True, task: str = "embedder") -> float:
+    (weights_a, meta_a), (weights_b, meta_b) = _adapter(a, task), _adapter(b, task)
     assert weights_a.keys() == weights_b.keys()
     gap = max(float((weights_a[k] - weights_b[k]).abs().max() / weights_b[k].abs().max()) for k in weights_a)
     assert gap <= WEIGHT_RTOL, f"largest LoRA weight difference {gap:.2e} of the tensor's largest value"
     assert any(float(w.abs().max()) > 1e-3 for k, w in weights_a.items() if "lora_B" in k)  # it learned
     if losses:  # a resumed run's first logged loss averages only the steps since the resume
-        assert _losses(a) == pytest.approx(_losses(b), abs=LOSS_ATOL)
+        assert _losses(a, task) == pytest.approx(_losses(b, task), abs=LOSS_ATOL)
     best_a, best_b = meta_a["metrics"]["best_dev_metric"], meta_b["metrics"]["best_dev_metric"]
     assert abs(best_a - best_b) <= METRIC_ATOL, (best_a, best_b)
     return gap
@@ -141,6 +141,16 @@ def test_two_gloo_processes_train_the_adapter_one_process_trains(setup: dict[str
     checkpoints = sorted((output / "embedder" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
     assert checkpoints[-1].name == "checkpoint-20"
     assert {p.name for p in checkpoints[-1].glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+
+
+def test_two_gloo_processes_train_the_reranker_one_process_trains(setup: dict[str, Path]) -> None:
+    # LambdaLoss over (positive, negative) per row: no cross-process term, DDP averages the gradients.
+    reranker = ["--task", "reranker", "--epochs", "3"]
+    _run(setup, 1, setup["root"] / "reranker-one", *reranker)
+    _run(setup, 2, setup["root"] / "reranker-two", *reranker)
+    _assert_same_adapter(setup["root"] / "reranker-two", setup["root"] / "reranker-one", task="reranker")
+    weights, _ = _adapter(setup["root"] / "reranker-two", "reranker")
+    assert any("classifier" in name for name in weights)  # the trained head is part of what matched
 
 
 def _workers(launcher: int) -> dict[int, int]:

@@ -300,6 +300,9 @@ def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, ev
         use_cpu=not torch.cuda.is_available() or config.device == "cpu",
         batch_sampler=WholeGlobalBatches if processes > 1 else BatchSamplers.NO_DUPLICATES,
         activation_checkpointing=config.gradient_checkpointing,
+        # A reranker uses every trainable weight (LoRA on each layer, the pooler, the head) in every
+        # step; DDP's search for unused ones breaks when a loss runs several forward passes per step.
+        ddp_find_unused_parameters=False if config.task == "reranker" else None,
     )
     if evaluator is not None:
         common.update(eval_strategy="steps", eval_steps=config.checkpoint_steps, load_best_model_at_end=True,
