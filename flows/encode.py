@@ -5,10 +5,13 @@
     python -m flows.encode --data ... --shards 64 --task-runner dask --dask-address tcp://scheduler:8786
 
 The scale-out seam of `specialize`: the frozen base's corpus embeddings are what mining needs
-first and what costs most. Each `encode-shard` task loads the base itself (tasks get paths,
-never models) and encodes its share of the fixed batches of `retrieval_lora.sharding`, so the
-assembled matrix is bit-for-bit what one process would compute. It is stored in mining's
-embedding cache, where `mine_hard_negatives` finds it instead of encoding the corpus again.
+first and what costs most. `plan-shards` fixes the batches of `retrieval_lora.sharding` and writes
+each shard's texts to a file of its own; each `encode-shard` task loads the base itself (tasks get
+paths, never models), reads only its shard's file and writes its vectors to `shard-<n>.npy`; no
+worker holds the corpus. `store-embeddings` streams the shards, one at a time, into mining's
+embedding cache under the key mining looks up (the entry is written memory-mapped, so it may be
+larger than memory), where `mine_hard_negatives` finds it instead of encoding the corpus again:
+bit-for-bit what one process would compute.
 
 Task runners: threads in this process by default (`ThreadPoolTaskRunner`), or Dask
 (`prefect_dask.DaskTaskRunner`): a local cluster of worker processes, which report to this
@@ -34,11 +37,11 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.caching import key_parameter, result_storage, step_key
 from flows.tasks import PERSISTED, load_data, load_checked, not_a_setting_error
-from retrieval_lora.embedding_cache import EmbeddingCache
+from retrieval_lora.embedding_cache import EmbeddingCache, corpus_content
 from retrieval_lora.errors import ConfigError
 from retrieval_lora.models import DEFAULT_BASE, DEFAULT_MAX_SEQ_LENGTH, load_base
 from retrieval_lora.pipeline import DEFAULT_CACHE_DIR, DataConfig
-from retrieval_lora.sharding import assemble, corpus_texts, encode_shard, plan_shards, store_corpus_embeddings
+from retrieval_lora.sharding import corpus_texts, encode_shard_file, plan_shards, store_shard_files, write_shard_texts
 
 RunnerKind = Literal["threads", "dask"]
 
@@ -82,10 +85,22 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+class ShardPlanRef(TypedDict):
+    content: str  # the corpus part of the cache key
+    rows: int  # distinct texts
+    texts: list[str]  # per shard, its batches of texts (one JSON list per line)
+    positions: list[str]  # per shard, the corpus rows of its texts (.npy)
+
+
 @task(name="plan-shards", cache_policy=NO_CACHE)
-def count_shards(data_path: str, data_fingerprint: str, shards: int, batch_size: int) -> int:
-    """How many shards the plan really has (at most `shards`; fewer for a corpus of few batches)."""
-    return len(plan_shards(corpus_texts(load_checked(DataConfig(), data_path, data_fingerprint)), shards, batch_size).shards)
+def plan_corpus_shards(data_path: str, data_fingerprint: str, shards: int, batch_size: int,
+                       out_dir: str) -> ShardPlanRef:
+    """Fix the corpus's batches, cut them into at most `shards` shards, write each shard's texts to its own file."""
+    dataset = load_checked(DataConfig(), data_path, data_fingerprint)
+    texts = corpus_texts(dataset)
+    files = write_shard_texts(texts, plan_shards(texts, shards, batch_size), out_dir)
+    return ShardPlanRef(content=corpus_content(dataset), rows=len(texts), texts=[str(t) for t, _ in files],
+                        positions=[str(p) for _, p in files])
 
 
 def _shard_key(_context: object, parameters: dict) -> str:
@@ -94,29 +109,24 @@ def _shard_key(_context: object, parameters: dict) -> str:
 
 @task(name="encode-shard", retries=1, retry_delay_seconds=5, retry_condition_fn=not_a_setting_error,
       cache_key_fn=_shard_key, **PERSISTED)
-def encode_corpus_shard(key: str, data_path: str, data_fingerprint: str, base: str, max_seq_length: int | None,
-                        shards: int, batch_size: int, shard: int, out_dir: str) -> str:
-    """Encode shard number `shard` of the corpus plan; write its rows to `<out_dir>/shard-<n>.npy`."""
-    dataset = load_checked(DataConfig(), data_path, data_fingerprint)
-    texts = corpus_texts(dataset)
-    plan = plan_shards(texts, shards, batch_size)
+def encode_corpus_shard(key: str, texts: str, base: str, max_seq_length: int | None, shard: int, out_dir: str) -> str:
+    """Encode the shard whose texts are in `texts` (its planned batches); write its rows to `<out_dir>/shard-<n>.npy`."""
     model = load_base("embedder", base, max_seq_length=max_seq_length)
     path = Path(out_dir) / f"shard-{shard}.npy"
-    _save_npy_atomic(path, encode_shard(model, texts, plan.shards[shard]))
+    _save_npy_atomic(path, encode_shard_file(model, texts))
     return str(path)
 
 
 @task(name="store-embeddings", cache_key_fn=key_parameter("encode"), **PERSISTED)
-def store_embeddings(key: str, data_path: str, data_fingerprint: str, base: str, max_seq_length: int | None,
-                     shards: int, batch_size: int, parts: list[str], cache_dir: str, cache_dtype: str) -> EncodedCorpus:
-    """Assemble the shards in corpus order and store them as mining's cached corpus matrix."""
-    dataset = load_checked(DataConfig(), data_path, data_fingerprint)
-    plan = plan_shards(corpus_texts(dataset), shards, batch_size)
-    vectors = assemble(plan, [np.load(part) for part in parts])
+def store_embeddings(key: str, base: str, max_seq_length: int | None, plan: ShardPlanRef, parts: list[str],
+                     cache_dir: str, cache_dtype: str) -> EncodedCorpus:
+    """Stream the shards, one at a time, into mining's cached corpus matrix (rows in corpus order)."""
     model = load_base("embedder", base, max_seq_length=max_seq_length)
-    cache_key = store_corpus_embeddings(model, dataset, EmbeddingCache(cache_dir, cache_dtype), vectors)
-    return EncodedCorpus(cache_dir=str(Path(cache_dir).resolve()), digest=cache_key.digest, rows=len(vectors),
-                         shards=len(plan.shards))
+    cache = EmbeddingCache(cache_dir, cache_dtype)
+    cache_key = cache.key(model, plan["content"])
+    store_shard_files(cache, cache_key, plan["rows"], list(zip(parts, plan["positions"])))
+    return EncodedCorpus(cache_dir=str(Path(cache_dir).resolve()), digest=cache_key.digest, rows=plan["rows"],
+                         shards=len(parts))
 
 
 @flow(name="encode-corpus")
@@ -139,15 +149,15 @@ def encode_corpus(data: str | None = None, base: str = DEFAULT_BASE, max_seq_len
     work = Path(workdir).resolve()
     key = step_key("encode", corpus["fingerprint"], base, max_seq_length, shards, batch_size,
                    str(Path(cache_dir).resolve()), cache_dtype)
-    common = dict(data_path=corpus["path"], data_fingerprint=corpus["fingerprint"], base=base,
-                  max_seq_length=max_seq_length, shards=shards, batch_size=batch_size)
     persisted = {"result_storage": result_storage(work)}
-    count = count_shards(corpus["path"], corpus["fingerprint"], shards, batch_size)
-    futures = encode_corpus_shard.with_options(**persisted).map(key=key, **common, shard=range(count),
-                                                                out_dir=str(work / "encode" / key))
+    out_dir = str(work / "encode" / key)
+    plan = plan_corpus_shards(corpus["path"], corpus["fingerprint"], shards, batch_size, out_dir)
+    futures = encode_corpus_shard.with_options(**persisted).map(
+        key=key, texts=plan["texts"], base=base, max_seq_length=max_seq_length, shard=range(len(plan["texts"])),
+        out_dir=out_dir)
     parts = [future.result() for future in futures]
-    return store_embeddings.with_options(**persisted)(key=key, **common, parts=parts, cache_dir=cache_dir,
-                                                      cache_dtype=cache_dtype)
+    return store_embeddings.with_options(**persisted)(key=key, base=base, max_seq_length=max_seq_length, plan=plan,
+                                                      parts=parts, cache_dir=cache_dir, cache_dtype=cache_dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

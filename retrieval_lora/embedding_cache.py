@@ -156,6 +156,40 @@ class EmbeddingCache:
         return np.ascontiguousarray(stored, dtype=np.float32)
 
 
+def store_streamed(cache: EmbeddingCache, key: CacheKey, shape: tuple[int, int], parts) -> None:
+    """Write an entry of `shape` under `key` from `parts`, an iterable of (row positions, vectors), one
+    part in memory at a time: the rows go straight into the entry's memory-mapped file (so an entry
+    larger than memory can be written), which is renamed into place once every row is written, and
+    the key file comes last, as with `EmbeddingCache.store`. The stored values are the same.
+
+    Raises:
+        ConfigError: the parts do not cover every row exactly once.
+    """
+    cache.folder.mkdir(parents=True, exist_ok=True)
+    final = cache.folder / f"{key.digest}.npy"
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=cache.folder)
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=cache.dtype, shape=shape)
+        seen = np.zeros(shape[0], dtype=bool)
+        for positions, vectors in parts:
+            if seen[positions].any():
+                raise ConfigError(f"rows written twice while storing {final.name}; encode every shard once")
+            out[positions] = vectors
+            seen[positions] = True
+        if not seen.all():
+            raise ConfigError(f"{int((~seen).sum())} of {shape[0]} rows missing while storing {final.name}; "
+                              "encode every shard")
+        out.flush()
+        del out
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    write_json_atomic(cache.folder / f"{key.digest}.json",
+                      {"key": asdict(key), "shape": list(shape), "format": CACHE_FORMAT_VERSION})
+
+
 def encode_texts_cached(model: SentenceTransformer, texts: list[str], cache: EmbeddingCache | None, *,
                         content: str | None = None, identity: str | None = None, batch_size: int = 64,
                         show_progress: bool = True, description: str | None = None) -> tuple[np.ndarray, str]:

@@ -16,6 +16,11 @@ as in a plain `encode_texts` call; the embeddings are normalized float32, like `
 For a dataset, `corpus_texts` gives the texts in the order mining encodes them, and
 `store_corpus_embeddings` writes the assembled matrix to the embedding cache under the key
 mining looks up: mining then reads the shards' work instead of encoding the corpus itself.
+
+At corpus scale no process needs all texts or all vectors: `write_shard_texts` gives each shard
+a file of its own batches (one JSON list of texts per line), a worker encodes only that file
+(`encode_shard_file`), and `store_shard_files` streams the shards' vectors into the cache entry,
+one shard in memory at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from retrieval_lora.data.beir import RetrievalDataset
-from retrieval_lora.embedding_cache import CacheKey, EmbeddingCache, corpus_content, distinct_corpus_texts
+import json
+from pathlib import Path
+
+from retrieval_lora.embedding_cache import (
+    CacheKey, EmbeddingCache, corpus_content, distinct_corpus_texts, store_streamed,
+)
 from retrieval_lora.encoding import encode_texts
 from retrieval_lora.errors import ConfigError
 
@@ -133,3 +143,59 @@ def store_corpus_embeddings(model: SentenceTransformer, dataset: RetrievalDatase
     key = cache.key(model, corpus_content(dataset))
     cache.store(key, vectors)
     return key
+
+
+def write_shard_texts(texts: list[str], plan: ShardPlan, folder: str | Path) -> list[tuple[Path, Path]]:
+    """Per shard, `<folder>/shard-<n>.jsonl` (its batches, one JSON list of texts per line) and
+    `<folder>/shard-<n>.positions.npy` (their corpus rows); each written aside and renamed, and kept
+    when already there (the folder is named after the corpus and plan)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for shard in plan.shards:
+        text_file, positions_file = folder / f"shard-{shard.index}.jsonl", folder / f"shard-{shard.index}.positions.npy"
+        if not (text_file.is_file() and positions_file.is_file()):
+            staged = folder / f".shard-{shard.index}.positions.tmp.npy"
+            np.save(staged, np.asarray(shard.positions, dtype=np.int64))
+            staged.replace(positions_file)
+            staged = folder / f".shard-{shard.index}.jsonl.tmp"
+            staged.write_text("".join(json.dumps([texts[p] for p in batch]) + "\n" for batch in shard.batches),
+                              encoding="utf-8")
+            staged.replace(text_file)
+        files.append((text_file, positions_file))
+    return files
+
+
+def encode_shard_file(model: SentenceTransformer, text_file: str | Path) -> np.ndarray:
+    """Embeddings of a shard file's texts, one planned batch (line) per `encode` call: the rows
+    `encode_shard` computes from the whole corpus, reading only this shard's texts."""
+    parts = []
+    with open(text_file, encoding="utf-8") as lines:
+        for line in lines:
+            batch = json.loads(line)
+            parts.append(encode_texts(model, batch, batch_size=len(batch), show_progress=False))
+    if not parts:
+        return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
+    return np.concatenate(parts)
+
+
+def store_shard_files(cache: EmbeddingCache, key: CacheKey, rows: int,
+                      shards: list[tuple[str | Path, str | Path]]) -> None:
+    """Stream (vectors .npy, positions .npy) pairs, one per shard, into the cache entry `key` of
+    `rows` rows (`embedding_cache.store_streamed`): one shard in memory at a time.
+
+    Raises:
+        ConfigError: a shard's row count differs from its positions, or rows are missing.
+    """
+    def parts():
+        for vectors_file, positions_file in shards:
+            vectors, positions = np.load(vectors_file, mmap_mode="r"), np.load(positions_file)
+            if len(vectors) != len(positions):
+                raise ConfigError(f"{vectors_file} has {len(vectors)} rows, its plan {len(positions)}; "
+                                  "encode it again with the same plan")
+            yield positions, vectors
+
+    if not shards:
+        raise ConfigError("no encoded shards to store")
+    dim = np.load(shards[0][0], mmap_mode="r").shape[1]
+    store_streamed(cache, key, (rows, dim), parts())
