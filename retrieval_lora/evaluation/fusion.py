@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from dataclasses import dataclass
 
 from retrieval_lora.data.beir import Qrels
@@ -46,6 +47,14 @@ class FusionChoice:
         if self.method == "rrf":
             return f"RRF, k = {self.rrf_k}"
         return f"convex, w_bm25 = {self.weights[0]:.1f}"
+
+
+@contextlib.contextmanager
+def _quiet_numba():
+    """ranx's min-max normalisation makes numba warn about a uint64 -> int64 cast of a loop index: noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unsafe cast from uint64 to int64")
+        yield
 
 
 def check_fusion_methods(methods: tuple[str, ...]) -> None:
@@ -93,7 +102,7 @@ def choose_fusion(method: str, qrels: Qrels | None, runs: list[Run] | None, metr
     from ranx import optimize_fusion
 
     query_ids = sorted(qrels)
-    with contextlib.redirect_stdout(io.StringIO()):  # ranx prints a progress bar
+    with contextlib.redirect_stdout(io.StringIO()), _quiet_numba():  # ranx prints a progress bar
         best = optimize_fusion(RanxQrels({q: qrels[q] for q in query_ids}), _ranx_runs(runs, query_ids, rank_values=False),
                                norm="min-max", method="wsum", metric=metric, step=WEIGHT_STEP, show_progress=False)
     lexical = round(float(best["weights"][0]), 3)
@@ -108,12 +117,13 @@ def fuse_runs(runs: list[Run], choice: FusionChoice, k: int | None = None) -> Ru
     from ranx import fuse
 
     query_ids = sorted(set().union(*runs))
-    if choice.method == "rrf":
-        fused = fuse(_ranx_runs(runs, query_ids, rank_values=True), norm=None, method="rrf",
-                     params={"k": choice.rrf_k})
-    else:
-        fused = fuse(_ranx_runs(runs, query_ids, rank_values=False), norm="min-max", method="wsum",
-                     params={"weights": list(choice.weights)})
+    with _quiet_numba():
+        if choice.method == "rrf":
+            fused = fuse(_ranx_runs(runs, query_ids, rank_values=True), norm=None, method="rrf",
+                         params={"k": choice.rrf_k})
+        else:
+            fused = fuse(_ranx_runs(runs, query_ids, rank_values=False), norm="min-max", method="wsum",
+                         params={"weights": list(choice.weights)})
     result: Run = {}
     for query_id in query_ids:
         ranking = {str(doc): float(score) for doc, score in fused.run[query_id].items() if doc != _EMPTY}

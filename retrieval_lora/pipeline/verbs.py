@@ -39,7 +39,6 @@ from retrieval_lora.registry import Registry
 from retrieval_lora.report import ReportFiles, comparison_summary, metrics_blocks, system_lines, write_evaluation
 from retrieval_lora.report import write_report as write_report_blocks
 from retrieval_lora.training import TrainConfig, TrainResult, mining_config, train_adapter
-from retrieval_lora.training.distributed import once
 
 SELF_HIT_WARNING_SHARE = 0.05  # queries retrieving their own id above this share look like ArguAna-style data
 
@@ -174,6 +173,10 @@ def evaluate_candidate(candidate: Candidate, dataset: RetrievalDataset, evaluati
                        registry: str | None = None, show_progress: bool = True) -> Comparison:
     """The candidate against its frozen base (and any baseline run) on `evaluation.split`, paired tests.
 
+    With `evaluation.bm25` (the default) the same queries are also scored by BM25 and the BM25 + dense
+    hybrids of `evaluation.fusion` (`Comparison.systems`, `.tests`, `.fusion`; weights chosen on
+    `evaluation.fusion_split` only); a reranker reranks each first stage, `evaluation.first_stage_adapter`'s
+    included. Each folder of `evaluation.guard_data` is scored with base and adapter (`Comparison.guards`).
     `champion` (a registry spec, `find_champion`) is loaded from `registry` as the server loads it and
     scored on the same queries; `Comparison.champion` holds champion vs candidate.
 
