@@ -39,6 +39,7 @@ from retrieval_lora.registry import Registry
 from retrieval_lora.report import ReportFiles, comparison_summary, metrics_blocks, system_lines, write_evaluation
 from retrieval_lora.report import write_report as write_report_blocks
 from retrieval_lora.training import TrainConfig, TrainResult, mining_config, train_adapter
+from retrieval_lora.training.distributed import once
 
 SELF_HIT_WARNING_SHARE = 0.05  # queries retrieving their own id above this share look like ArguAna-style data
 
