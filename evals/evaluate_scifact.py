@@ -42,15 +42,12 @@ def _evaluate_adapter(dataset, evaluation, data, adapter: str, out: Path):
 
 
 def _training_settings(adapter: str) -> str:
-    """The adapter's training settings (from its retrieval_lora.json), as one line."""
+    """The adapter's recorded training settings (its retrieval_lora.json), as one line."""
     from retrieval_lora.models import read_adapter_metadata
 
     config = read_adapter_metadata(adapter).config
-    lora = config.get("lora", {})
-    return (f"`python -m retrieval_lora.train --task {config.get('task')} --data {config.get('data')} --epochs "
-            f"{config.get('epochs')}` (base {config.get('base')}, LoRA r={lora.get('rank')} alpha={lora.get('alpha')} "
-            f"on {lora.get('target_modules')}, loss {config.get('loss')}, batch {config.get('batch_size')}, lr "
-            f"{config.get('lr')}, max length {config.get('max_seq_length')}, seed {config.get('seed')})")
+    return ", ".join(f"{key} {config.get(key)}" for key in ("task", "base", "epochs", "loss", "batch_size", "lr",
+                                                           "max_seq_length", "seed", "lora"))
 
 
 def _summary_markdown(summary: dict) -> str:
@@ -117,10 +114,8 @@ def main() -> int:
                                 "base evaluation above)" if baseline else None)
         comparison, decision, seconds = _evaluate_adapter(dataset, with_baseline, data, args.adapter,
                                                           RESULTS / "scifact_adapter_vs_base")
-        paired = comparison.paired.to_dict()
-        training = _training_settings(args.adapter)
-        summary["adapter"] = {"command": command, "adapter": args.adapter, "training": training,
-                              "baseline": comparison.baseline_name, "metrics": paired["metrics"],
+        summary["adapter"] = {"command": command, "adapter": args.adapter, "training": _training_settings(args.adapter),
+                              "baseline": comparison.baseline_name, "metrics": comparison.paired.to_dict()["metrics"],
                               "passed": decision.passed, "reasons": decision.reasons, "seconds": round(seconds, 1)}
         print(f"adapter vs base: {decision.summary()} in {seconds:.0f}s")
     write_results(RESULTS / "scifact_evaluation", summary, _summary_markdown(summary), sort_keys=True)
