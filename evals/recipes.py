@@ -28,8 +28,9 @@ PEER_LR = {"peer-full": 2e-5, "peer-lora": 2e-4}
 
 
 def train_peer(variant: str, rows, out: Path, *, base: str, seed: int, epochs: float, batch_size: int,
-               callbacks=()) -> tuple[object, dict]:
-    """Train `variant` ("peer-full" or "peer-lora") on `rows` into <out>/model; (model, sizes)."""
+               callbacks=(), device: str = "cpu", precision: str = "fp32") -> tuple[object, dict]:
+    """Train `variant` ("peer-full" or "peer-lora") on `rows` into <out>/model on `device`, in `precision`
+    ("fp32", "bf16" or "fp16"); (model, sizes)."""
     import transformers
     from peft import LoraConfig, TaskType, get_peft_model
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -39,7 +40,7 @@ def train_peer(variant: str, rows, out: Path, *, base: str, seed: int, epochs: f
     from retrieval_lora.models import resolve_base
 
     transformers.set_seed(seed)
-    model = SentenceTransformer(resolve_base(base), device="cpu")
+    model = SentenceTransformer(resolve_base(base), device=device)
     if variant == "peer-lora":
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.1, target_modules="all-linear",
                           task_type=TaskType.FEATURE_EXTRACTION)
@@ -47,7 +48,8 @@ def train_peer(variant: str, rows, out: Path, *, base: str, seed: int, epochs: f
     training_args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=epochs, per_device_train_batch_size=batch_size,
         learning_rate=PEER_LR[variant], warmup_steps=0.1, seed=seed, batch_sampler=BatchSamplers.NO_DUPLICATES,
-        save_strategy="no", report_to="none", use_cpu=True, logging_steps=10)
+        save_strategy="no", report_to="none", use_cpu=not device.startswith("cuda"), logging_steps=10,
+        bf16=precision == "bf16", fp16=precision == "fp16")
     SentenceTransformerTrainer(model=model, args=training_args, train_dataset=rows,
                                loss=MultipleNegativesRankingLoss(model), callbacks=list(callbacks)).train()
     model.save(str(out / "model"))

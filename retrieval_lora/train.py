@@ -33,7 +33,7 @@ from retrieval_lora.data import dataset_fingerprint
 from retrieval_lora.manifest import write_json_atomic
 from retrieval_lora.models import TASKS
 from retrieval_lora.pipeline import SpecializeConfig, check_splits, load_data
-from retrieval_lora.training import LOSSES, SCHEDULES, json_ready
+from retrieval_lora.training import LOSSES, PRECISIONS, SCHEDULES, json_ready
 
 EPILOG = """examples:
   python -m retrieval_lora.train --task embedder
@@ -41,7 +41,7 @@ EPILOG = """examples:
   python -m retrieval_lora.train --task embedder --data ../shared/datasets/scifact --epochs 1
   python -m retrieval_lora.train --task embedder --name demo --registry registry --gate-min-gain 0.01
 """
-CHOICES = {"task": TASKS, "schedule": SCHEDULES,
+CHOICES = {"task": TASKS, "schedule": SCHEDULES, "precision": PRECISIONS,
            "loss": ("auto", *sorted({loss for group in LOSSES.values() for loss in group}))}
 
 

@@ -44,6 +44,8 @@ Features
 - A run whose training loss did not fall (`LossTrend`: first vs last logged values) warns that
   the adapter has most likely learned nothing, and records the trend in the adapter metadata.
 - Deterministic for a fixed seed on the CPU.
+- Mixed precision (`precision`): bf16 on a GPU that supports it, fp16 on an older one, fp32 on
+  the CPU (the default "auto"); the saved adapter is fp32.
 - Data-parallel under `torchrun --nproc_per_node N` or `accelerate launch` (DDP through the
   Trainer: NCCL on GPUs, gloo on CPUs; `retrieval_lora.training.distributed`): `batch_size` is the
   global batch, split evenly over the processes; the embedder losses gather every process's
@@ -60,7 +62,8 @@ sharded (FSDP/DeepSpeed) training: a LoRA adapter and a MiniLM/BERT-sized base f
 
 from retrieval_lora.lazy import lazy_exports
 from retrieval_lora.training.config import (
-    CHECKPOINT_FILES, DEFAULT_BATCH_SIZE, DEFAULT_NEGATIVES, DEV_METRIC, LOSSES, RESUME_IGNORED, SCHEDULES, TrainConfig,
+    CHECKPOINT_FILES, DEFAULT_BATCH_SIZE, DEFAULT_NEGATIVES, DEV_METRIC, LOSSES, PRECISIONS, RESUME_IGNORED, SCHEDULES,
+    TrainConfig,
     json_ready, mining_config, weight_settings,
 )
 
@@ -76,4 +79,4 @@ __getattr__ = lazy_exports(__name__, {name: ".run" for name in (
     "train_adapter",
 )})
 
-__all__ = ["CHECKPOINT_FILES", "DEFAULT_BATCH_SIZE", "DEFAULT_NEGATIVES", "DEV_METRIC", "LOSSES", "RESUME_IGNORED", "SCHEDULES", "TrainConfig", "json_ready", "mining_config", "weight_settings"]  # and the lazily loaded names above
+__all__ = ["CHECKPOINT_FILES", "DEFAULT_BATCH_SIZE", "DEFAULT_NEGATIVES", "DEV_METRIC", "LOSSES", "PRECISIONS", "RESUME_IGNORED", "SCHEDULES", "TrainConfig", "json_ready", "mining_config", "weight_settings"]  # and the lazily loaded names above

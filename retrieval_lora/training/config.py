@@ -26,6 +26,7 @@ CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
 # Settings that never change the trained weights: a resumed run may differ in these, and a cached
 # training step is reused across them (gradient checkpointing recomputes the same activations).
 RESUME_IGNORED = {"resume", "device", "gradient_checkpointing"}
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEV_METRIC = {"embedder": "eval_dev_cosine_ndcg@10", "reranker": "eval_dev_ndcg@10"}  # evaluator name "dev"
 
 
@@ -58,6 +59,7 @@ class TrainConfig:
     checkpoint_steps: int = field(50, "save a checkpoint (and evaluate on the dev split) every N steps, and at the end")
     resume: bool = field(False, "continue from the last complete checkpoint in <output>/<task>/checkpoints")
     device: str | None = field(None, "torch device (default: cuda if available, else cpu)")
+    precision: str = field("auto", "arithmetic of the training steps: 'auto' (bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on the CPU), 'bf16', 'fp16' (GPU only) or 'fp32'; the adapter is saved in fp32 either way")
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -79,6 +81,8 @@ class TrainConfig:
                 problems.append(f"{name}={getattr(self, name)}: must be > 0")
         if self.task == "embedder" and self.batch_size == 1:
             problems.append("batch_size must be >= 2 for the embedder: in-batch negatives need a second row")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision={self.precision!r}: must be one of {', '.join(PRECISIONS)}")
         if self.attention_dropout >= 1:
             problems.append(f"attention_dropout={self.attention_dropout}: must be < 1 (or -1 to keep the base's)")
         if not 0 <= self.warmup_ratio < 1:

@@ -31,7 +31,7 @@ from retrieval_lora.models import (
     trainable_parameters,
 )
 from retrieval_lora.training.config import CHECKPOINT_FILES, DEV_METRIC, TrainConfig, json_ready, weight_settings
-from retrieval_lora.training.distributed import WholeGlobalBatches, per_device_batch, process_device, world
+from retrieval_lora.training.distributed import WholeGlobalBatches, per_device_batch, process_device, uses_cuda, world
 
 @dataclass
 class TrainResult:
@@ -286,6 +286,21 @@ def _setup_dev_evaluator(config: TrainConfig, dataset: RetrievalDataset):
     return CrossEncoderRerankingEvaluator(samples, at_k=10, name="dev", write_csv=False)
 
 
+def resolved_precision(config: TrainConfig) -> str:
+    """'bf16', 'fp16' or 'fp32': what `config.precision` means on this machine ('auto': bf16 on a GPU that
+    has it, fp16 on an older GPU, fp32 on the CPU, where half precision is slower than fp32).
+
+    Raises:
+        TrainingError: fp16 asked for without a CUDA device (PyTorch's CPU autocast has no fp16 training).
+    """
+    cuda = uses_cuda(config.device)
+    if config.precision == "auto":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if config.precision == "fp16" and not cuda:
+        raise TrainingError("precision='fp16' needs a CUDA GPU; on the CPU use 'bf16' or 'fp32' (the default there)")
+    return config.precision
+
+
 def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, evaluator, workdir: Path):
     processes = world().size
     # `batch_size` is the global batch (all processes together), so a run means the same on any number of them.
@@ -297,7 +312,8 @@ def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, ev
         warmup_steps=config.warmup_ratio,  # transformers 5 reads a float below 1 as a share of all steps
         lr_scheduler_type=config.schedule, seed=config.seed, data_seed=config.seed, logging_steps=5,
         save_strategy="steps", save_steps=config.checkpoint_steps, report_to="none",
-        use_cpu=not torch.cuda.is_available() or config.device == "cpu",
+        use_cpu=not uses_cuda(config.device),
+        bf16=resolved_precision(config) == "bf16", fp16=resolved_precision(config) == "fp16",
         batch_sampler=WholeGlobalBatches if processes > 1 else BatchSamplers.NO_DUPLICATES,
         activation_checkpointing=config.gradient_checkpointing,
         # A reranker uses every trainable weight (LoRA on each layer, the pooler, the head) in every
