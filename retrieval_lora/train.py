@@ -14,7 +14,7 @@ Data-parallel on several GPUs (or CPU processes, gloo) under a launcher; `--batc
 global batch, split evenly across the processes:
 
     torchrun --nproc_per_node 8 -m retrieval_lora.train --task embedder --data corpus/ --batch-size 256
-    accelerate launch --num_processes 8 -m retrieval_lora.train --task embedder --data corpus/ --batch-size 256
+    accelerate launch --multi_gpu --num_processes 8 -m retrieval_lora.train --task embedder --data corpus/ --batch-size 256
 
 Rank 0 builds the training rows (the others read them), every rank trains its share of each
 step, rank 0 writes the checkpoints and the adapter, and only rank 0 evaluates, gates, reports

@@ -1,7 +1,7 @@
 """Data-parallel training under `torchrun` or `accelerate launch`: which process this is, and work done once.
 
     torchrun --nproc_per_node 8 -m retrieval_lora.train --task embedder --data corpus/ --batch-size 256
-    accelerate launch --num_processes 8 -m retrieval_lora.train --task embedder --data corpus/ --batch-size 256
+    accelerate launch --multi_gpu --num_processes 8 -m retrieval_lora.train --task embedder --data corpus/ --batch-size 256
 
 A launcher starts N copies of the same command with RANK, WORLD_SIZE and LOCAL_RANK (and
 MASTER_ADDR/PORT) in each one's environment. The engines do the distributed work: transformers'
