@@ -2,7 +2,10 @@
 
 Three servers (`python -m retrieval_lora.serve`, separate processes, `--threads 1` by default
 because this machine's cores are shared with other busy processes) on 127.0.0.1:
-  plain     a registry with no adapters: the base model without any PEFT wrapping ("base alone")
+  plain     a registry with no adapters: the base model without any PEFT wrapping ("base alone");
+            for rerank, a second such server whose base is a standalone cross-encoder folder of the
+            same shape (`cross_encoder_base`: the server ranks with a bare base only when it has a
+            saved one-logit head), the base of the benchmark's reranker adapters too
   adapters  a registry of 16 embedder + 16 reranker adapters (LoRA r=8 on all linear layers,
             random weights: speed does not depend on what an adapter learned), all preloaded;
             mixed passes with rows grouped per adapter (`--mixed-lora grouped`, the default)
@@ -101,8 +104,25 @@ def cut(texts: list[str], words: int) -> list[str]:
     return [" ".join(text.split()[:words]) for text in texts]
 
 
-def build_registry(root: Path, count: int) -> list[str]:
-    """`count` embedder and `count` reranker adapters with random LoRA weights, registered and promoted."""
+def cross_encoder_base(folder: Path) -> Path:
+    """A standalone cross-encoder folder (one-logit head saved with it) of the packaged base's shape.
+
+    The server ranks with a bare base only when it has a trained head (a bi-encoder base would rank
+    with a freshly initialized one), so the reranker side of the benchmark serves this folder as its
+    base; its head is the seeded new one, which costs what a trained head costs.
+    """
+    import transformers
+
+    from retrieval_lora.models import DEFAULT_BASE, load_base
+
+    transformers.set_seed(0)
+    load_base("reranker", DEFAULT_BASE).save(str(folder))
+    return folder
+
+
+def build_registry(root: Path, count: int, reranker_base: Path) -> list[str]:
+    """`count` embedder adapters (on the packaged base) and `count` reranker adapters (on `reranker_base`)
+    with random LoRA weights, registered and promoted."""
     import torch
 
     from retrieval_lora.models import (
@@ -113,8 +133,8 @@ def build_registry(root: Path, count: int) -> list[str]:
 
     registry = Registry(root)
     names = []
-    for task in ("embedder", "reranker"):
-        model = load_base(task, DEFAULT_BASE)
+    for task, base in (("embedder", DEFAULT_BASE), ("reranker", str(reranker_base))):
+        model = load_base(task, base)
         attach_lora(model, task, LoraSettings())
         for index in range(count):
             generator = torch.Generator().manual_seed(index)
@@ -123,7 +143,7 @@ def build_registry(root: Path, count: int) -> list[str]:
                     if parameter.requires_grad:
                         parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
             folder = save_adapter(model, root.parent / "adapters" / f"{task}-{index}",
-                                  AdapterMetadata(task=task, base_model=DEFAULT_BASE,
+                                  AdapterMetadata(task=task, base_model=base,
                                                   base_fingerprint=base_fingerprint(model)))
             name = f"{task[:3]}-{index:02d}"
             # random weights, never evaluated: promoting them needs force (the history says so)
@@ -139,9 +159,10 @@ def free_port() -> int:
 
 
 def start_server(registry: Path, keys: Path, preload: list[str], mixed_lora: str, args,
-                 log: Path) -> tuple[subprocess.Popen, str]:
+                 log: Path, base: str | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "retrieval_lora.serve", "--registry", str(registry), "--keys", str(keys),
+               *(["--base", base, "--base-name", BASE_MODEL, "--tasks", "reranker"] if base else []),
                "--host", "127.0.0.1", "--port", str(port), "--max-seq-length", str(args.max_seq_length),
                "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--mixed-lora", mixed_lora,
                "--preload", ",".join(preload)]
@@ -250,6 +271,8 @@ def slot_counters(url: str, endpoint: str) -> dict:
 
 def scenario(servers: dict, pids: dict, endpoint: str, server: str, k: int, names: list[str], queries, documents,
              args) -> dict:
+    if endpoint == "rerank" and server == "plain":
+        server = "plain-reranker"  # the cross-encoder folder served as the bare base
     url, peer = servers[server], server == PEER[0]
     prefix = "emb" if endpoint == "embed" else "rer"
     models = [BASE_MODEL] if k == 0 else [n for n in names if n.startswith(prefix)][:k]
@@ -386,16 +409,19 @@ def main(argv: list[str] | None = None) -> int:
     loadavg_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         tmp_path = Path(tmp)
-        names = build_registry(tmp_path / "registry", max(k for _, k in SCENARIOS))
+        reranker_base = cross_encoder_base(tmp_path / "cross-encoder-base")
+        names = build_registry(tmp_path / "registry", max(k for _, k in SCENARIOS), reranker_base)
         (tmp_path / "empty").mkdir()
         keys = tmp_path / "keys.yaml"
         keys.write_text(f"tenants:\n  bench: {{keys: [{KEY}], models: ['*']}}\n")
         servers, processes, load = {}, [], []
         try:
-            for label, registry, preload, mixed in (("plain", tmp_path / "empty", [], "grouped"),
-                                                    ("adapters", tmp_path / "registry", names, "grouped"),
-                                                    ("peft", tmp_path / "registry", names, "peft")):
-                process, url = start_server(registry, keys, preload, mixed, args, tmp_path / f"{label}.log")
+            for label, registry, preload, mixed, base in (
+                    ("plain", tmp_path / "empty", [], "grouped", None),
+                    ("plain-reranker", tmp_path / "empty", [], "grouped", str(reranker_base)),
+                    ("adapters", tmp_path / "registry", names, "grouped", None),
+                    ("peft", tmp_path / "registry", names, "peft", None)):
+                process, url = start_server(registry, keys, preload, mixed, args, tmp_path / f"{label}.log", base)
                 processes.append(process)
                 servers[label] = url
             if args.infinity:

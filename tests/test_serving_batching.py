@@ -143,3 +143,29 @@ def test_close_finishes_queued_jobs_and_refuses_new_ones() -> None:
     slot.hold.set()
     closer.join(10)
     assert queued.result(timeout=1)[0].tolist() == [4.0]
+
+
+def test_short_and_long_rows_go_in_separate_passes_and_come_back_in_order() -> None:
+    slot = FakeSlot()
+    rows = ["q" * 12, "d" * 300, "q" * 10, "d" * 280, "q" * 11, "d" * 290]
+    work = batcher(slot, batch_size=8)
+    try:
+        out, _ = work.submit(rows, ["base"] * len(rows), "a").result(10)
+    finally:
+        work.close()
+    assert out.tolist() == [float(len(row)) for row in rows]  # each row its own answer, in input order
+    assert [sorted(map(len, p)) for p in slot.passes] == [[280, 290, 300], [10, 11, 12]]
+
+
+def test_length_chunks_bound_padding_and_batch_size() -> None:
+    from retrieval_lora.serving.batcher import length_chunks
+
+    lengths = [100] * 10 + [10] * 10
+    chunks = length_chunks(lengths, batch_size=4)
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(20))
+    assert all(len(chunk) <= 4 for chunk in chunks)
+    for chunk in chunks:
+        longest, total = max(lengths[i] for i in chunk), sum(lengths[i] for i in chunk)
+        assert len(chunk) * longest <= 1.25 * total
+    assert len(length_chunks([50] * 9, batch_size=32)) == 1  # equal lengths: one pass
+    assert length_chunks([100, 10], batch_size=32, max_padding=10.0) == [[0, 1]]

@@ -5,8 +5,10 @@ the PEFT adapter name of each row) under a tenant name and gets a `concurrent.fu
 The worker waits up to `wait_s` for more while fewer than `batch_size` rows wait, then takes
 jobs round-robin across tenants (one job per tenant per turn) until it has `batch_size` rows,
 and runs them through `run_rows`: rows are sorted by length (less padding, as
-sentence-transformers does), cut into chunks of `batch_size`, and each chunk is one
-mixed-adapter forward pass. Results go back to each job in its own order.
+sentence-transformers does) and cut into chunks of at most `batch_size` rows, a new chunk
+starting early where padding to the chunk's longest row would waste more than
+`MAX_PADDING` of its work (a pass of short queries and long documents becomes two passes);
+each chunk is one mixed-adapter forward pass. Results go back to each job in its own order.
 
 Guarantees:
 - One request's rows can never fail another's: when a shared pass raises, every job of it is
@@ -46,16 +48,38 @@ def _length(row: object) -> int:
     return sum(len(part) for part in row) if isinstance(row, tuple) else len(str(row))
 
 
+# A chunk ends before the row that would make padding more than this share of its real work
+# (rows x longest row > (1 + MAX_PADDING) x the rows' lengths summed). Measured in
+# evals/results/serving.md: an embed mix of short queries and 64-word documents at batch 32.
+MAX_PADDING = 0.25
+
+
+def length_chunks(lengths: list[int], batch_size: int, max_padding: float = MAX_PADDING) -> list[list[int]]:
+    """Row indices, longest first, cut into chunks of at most `batch_size` rows whose padded size
+    (rows x the chunk's longest row) stays within (1 + `max_padding`) x their summed lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    chunks: list[list[int]] = []
+    for index in order:
+        chunk = chunks[-1] if chunks else None
+        if chunk and len(chunk) < batch_size:
+            longest, total = lengths[chunk[0]], sum(lengths[i] for i in chunk) + lengths[index]
+            if (len(chunk) + 1) * longest <= (1 + max_padding) * max(total, 1):
+                chunk.append(index)
+                continue
+        chunks.append([index])
+    return chunks
+
+
 def run_rows(slot: BaseSlot, inputs: list, adapter_names: list[str], batch_size: int) -> tuple[np.ndarray, list[int]]:
-    """Run `inputs` (row i through adapter `adapter_names[i]`) in length-sorted chunks.
+    """Run `inputs` (row i through adapter `adapter_names[i]`) in length-sorted chunks (`length_chunks`).
 
     Returns (outputs in input order, tokens per row), as `BaseSlot.run` does for one chunk.
     """
-    order = sorted(range(len(inputs)), key=lambda i: -_length(inputs[i]))
+    chunks = length_chunks([_length(row) for row in inputs], batch_size)
+    order = [index for chunk in chunks for index in chunk]
     outputs: list[np.ndarray] = []
     tokens: list[int] = []
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in chunks:
         out, toks = slot.run([inputs[i] for i in chunk], [adapter_names[i] for i in chunk])
         outputs.append(out)
         tokens.extend(toks)
