@@ -55,7 +55,7 @@ from prefect.task_runners import TaskRunner
 
 from flows import tasks
 from flows.caching import CachedSteps, plain, step_key
-from flows.encode import RunnerKind, encode_corpus, make_task_runner
+from flows.encode import RunnerKind, cluster_address, encode_corpus, make_task_runner
 from retrieval_lora.registry import registry_root
 from retrieval_lora.config import read_config_file
 from retrieval_lora.errors import ConfigError
@@ -120,11 +120,12 @@ def _mining_config(train: TrainConfig, data: DataConfig, mining: MiningConfig | 
 
 
 def _encode_sharded(data: tasks.DataRef, train: TrainConfig, mining: MiningConfig, shards: int,
-                    runner: TaskRunner, workdir: str) -> None:
+                    runner: TaskRunner, workdir: str, shard_gpus: float) -> None:
     """Pre-fill mining's embedding cache with the corpus encoded in `shards` tasks on `runner`."""
     encode_corpus.with_options(task_runner=runner)(
         data=data["path"], base=train.miner or train.base, max_seq_length=train.max_seq_length, shards=shards,
-        batch_size=mining.batch_size, cache_dir=mining.cache_dir, cache_dtype=mining.cache_dtype, workdir=workdir)
+        batch_size=mining.batch_size, cache_dir=mining.cache_dir, cache_dtype=mining.cache_dtype, workdir=workdir,
+        shard_gpus=shard_gpus)
 
 
 def _artifacts(name: str, outcome: SpecializeOutcome, report_markdown: str) -> None:
@@ -149,7 +150,8 @@ def _artifacts(name: str, outcome: SpecializeOutcome, report_markdown: str) -> N
 def specialize(data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig(), mining: MiningConfig | None = None,
                evaluation: EvaluationConfig = EvaluationConfig(), gate: GatePolicy = GatePolicy(),
                publish: PublishConfig = PublishConfig(), workdir: str = "runs/flows", encode_shards: int = 1,
-               task_runner: RunnerKind = "threads", dask_address: str | None = None) -> SpecializeOutcome:
+               task_runner: RunnerKind = "threads", dask_address: str | None = None, ray_address: str | None = None,
+               shard_gpus: float = 0.0) -> SpecializeOutcome:
     """Specialize an embedder or reranker to a dataset; promote the adapter if it passes the gate.
 
     Args:
@@ -164,13 +166,17 @@ def specialize(data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig
             (default: <dataset folder name>-<task>).
         workdir: folder for every step's files and the persisted task results.
         encode_shards: above 1, encode the corpus for mining in this many parallel tasks first.
-        task_runner: where those tasks run: 'threads' (this process) or 'dask'.
+        task_runner: where those tasks run: 'threads' (this process), 'dask' or 'ray' (a local cluster of
+            `encode_shards` worker processes, or the existing one at `dask_address` / `ray_address`).
         dask_address: an existing Dask scheduler (default: a local Dask cluster).
+        ray_address: an existing Ray cluster, e.g. ray://head:10001 (default: a local Ray cluster).
+        shard_gpus: GPUs Ray reserves for each encode task (task_runner 'ray' only; 0: none).
     """
     if train.train_pairs:
         raise ConfigError("train.train_pairs is not supported by the flow (it builds the rows itself); "
                           "use `python -m retrieval_lora.train --train-pairs` for prepared rows")
     check_gate_metric(gate, evaluation)
+    address = cluster_address(task_runner, dask_address, ray_address)
     steps = CachedSteps(Path(workdir).resolve())
     loaded = tasks.load_data(data, train, evaluation)
     get_run_logger().info(f"dataset {loaded['path']}: {loaded['documents']} documents, "
@@ -178,8 +184,8 @@ def specialize(data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig
     mining = _mining_config(train, data, mining, loaded["documents"])
     miner = train.miner or train.base
     if encode_shards > 1 and mining is not None and mining.cache_dir:
-        runner = make_task_runner(task_runner, workers=encode_shards, address=dask_address)
-        _encode_sharded(loaded, train, mining, encode_shards, runner, workdir)
+        runner = make_task_runner(task_runner, workers=encode_shards, address=address)
+        _encode_sharded(loaded, train, mining, encode_shards, runner, workdir, shard_gpus)
     source = dict(data=data, data_path=loaded["path"], data_fingerprint=loaded["fingerprint"])
 
     rows_key = step_key("rows", loaded["fingerprint"], train.train_split, miner, train.max_seq_length,
