@@ -175,6 +175,7 @@ TABLES = {  # committed table -> how today's script writes it from the committed
     "serving_cpu_load.md": _serving,
     "step_time_nfcorpus.md": _step_time,
     "mining_downstream_scifact.md": _downstream,
+    "task_runners.md": lambda n: importlib.import_module("bench_task_runners")._markdown(_load("task_runners.json")),
 }
 HAND_WRITTEN = {"mining_scifact.md": "Note: ours-cold was measured by a first invocation"}  # added after the run
 
