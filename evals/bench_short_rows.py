@@ -24,8 +24,8 @@ steps, different pairs.
     python evals/bench_short_rows.py --dataset nfcorpus --threads 1 --max-train-pairs 1000
     python evals/bench_short_rows.py --dataset scifact --counts-only
 
-Results: evals/results/short_rows_<dataset>.md and .json (per variant also <workdir>/<dataset>/
-<variant>/run.json; --reuse scores a variant from it instead of training again).
+Results: evals/results/short_rows_<dataset>.md and .json (--name: another stem; per variant also
+<workdir>/<dataset>/<variant>/run.json; --reuse scores a variant from it instead of training again).
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts-only", action="store_true", help="step 1 only: mining counts, no training")
     parser.add_argument("--reuse", action="store_true", help="score variants from <workdir>/<dataset>/<variant>/run.json")
     parser.add_argument("--workdir", default=str(ROOT / "runs" / "bench_short_rows"))
+    parser.add_argument("--name", default="", help="results file stem under evals/results (default: short_rows_<dataset>)")
     args = parser.parse_args(argv)
     folder = Path(args.datasets_dir) / args.dataset
     if not (folder / "corpus.jsonl").is_file():
@@ -183,7 +184,7 @@ def _count_lines(counts: dict) -> list[str]:
 
 def _write(report: dict, args) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"short_rows_{args.dataset}"
+    name = args.name or f"short_rows_{args.dataset}"
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     lines = [f"# Short mined rows, drop vs fill: {args.dataset}", ""]
     if report["variants"]:
