@@ -105,3 +105,29 @@ def prefect_api() -> str:
 
     with prefect_test_harness(server_startup_timeout=180):
         yield PREFECT_API_URL.value()
+
+
+def make_cross_encoder(base: str, folder: Path, activation: str = "sigmoid") -> Path:
+    """A standalone cross-encoder with a trained-looking one-logit head, made offline: a reranker adapter
+    (LoRA and head given seeded random values, as training would) merged into the base and saved, with
+    `activation` ("sigmoid" or "identity") as its configured activation."""
+    import torch
+
+    from retrieval_lora.models import LoraSettings, attach_lora, load_base, save_merged, transformer_of
+
+    torch.manual_seed(7)
+    model = load_base("reranker", base)
+    attach_lora(model, "reranker", LoraSettings(rank=4, alpha=8))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in transformer_of(model).parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    model.activation_fn = torch.nn.Sigmoid() if activation == "sigmoid" else torch.nn.Identity()
+    return save_merged(model, folder)
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_base(tmp_path_factory, base_path: str) -> str:
+    """A cross-encoder folder (trained one-logit head, Sigmoid activation) made from the packaged base."""
+    return str(make_cross_encoder(base_path, tmp_path_factory.mktemp("cross-encoder") / "model"))

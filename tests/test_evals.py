@@ -30,7 +30,7 @@ import harness  # noqa: E402
 SHARED = {"harness.py", "recipes.py"}  # the modules the scripts share
 NOT_YET_ON_HARNESS = {"bench_short_rows.py"}  # written elsewhere; joins SCRIPTS once it uses harness
 SCRIPTS = sorted(p.name for p in EVALS.glob("*.py") if p.name not in SHARED | NOT_YET_ON_HARNESS)
-REQUIRED_FLAGS = {"bench_reranker_recipes.py": ["--name", "smoke"]}
+REQUIRED_FLAGS = {"bench_reranker_recipes.py": ["--name", "smoke"], "bench_reranker_default.py": ["--dataset", "scifact", "--name", "smoke"]}
 
 
 def _results_state() -> dict[str, float]:
@@ -176,6 +176,8 @@ TABLES = {  # committed table -> how today's script writes it from the committed
     "step_time_nfcorpus.md": _step_time,
     "mining_downstream_scifact.md": _downstream,
     "task_runners.md": lambda n: importlib.import_module("bench_task_runners")._markdown(_load("task_runners.json")),
+    "reranker_default.md": lambda n: importlib.import_module("bench_reranker_default")._markdown(
+        _load("reranker_default.json")["rows"]),
 }
 HAND_WRITTEN = {"mining_scifact.md": "Note: ours-cold was measured by a first invocation"}  # added after the run
 

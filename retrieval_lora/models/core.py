@@ -36,6 +36,46 @@ def _quantization_config():
                               bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=HEAD_MODULES)
 
 
+def has_trained_head(base: str) -> bool:
+    """Whether `base` was saved as a one-logit sequence classifier with its scoring head (a cross-encoder).
+
+    A bi-encoder (the packaged all-MiniLM-L6-v2: architecture `BertModel`) has no head: loaded as a
+    reranker it scores with a freshly initialized one. Reads only the base's config and, for a local
+    folder, the names of its saved weights (a config that claims a head the weights lack counts as
+    none); a hub id needs its config cached or reachable.
+
+    Raises:
+        AdapterError: the base's config cannot be read.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_base(base)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"cannot read the config of base model {base!r} ({exc}); give a local model folder, a "
+                           f"hub id reachable from here, or {DEFAULT_BASE!r} for the packaged default") from exc
+    classifier = any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
+    if not classifier or config.num_labels != 1:
+        return False
+    names = _saved_weight_names(Path(path)) if Path(path).is_dir() else None
+    return names is None or any(name.split(".")[0] in HEAD_MODULES for name in names)
+
+
+def _saved_weight_names(folder: Path) -> list[str] | None:
+    """The tensor names saved in `folder` (safetensors, single or sharded); None when not safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}))
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="np") as handle:
+        return list(handle.keys())
+
+
 def load_base(task: str, base: str = DEFAULT_BASE, *, qlora: bool = False, max_seq_length: int | None = None,
               device: str | None = None) -> RetrievalModel:
     """Load the frozen base model for `task`.

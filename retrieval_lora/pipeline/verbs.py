@@ -121,8 +121,22 @@ def describe_rows(rows: Rows, negatives: int) -> str:
 
 def train(train: TrainConfig, dataset: RetrievalDataset, rows: Rows, run_dir: str | Path,
           callbacks: list | None = None) -> TrainResult:
-    """Train the adapter on `rows` into `run_dir` (`adapter/`, `checkpoints/`, `config.yaml`)."""
-    return train_adapter(train, dataset, Path(run_dir), rows=rows.rows, callbacks=callbacks)
+    """Train the adapter on `rows` into `run_dir` (`adapter/`, `checkpoints/`, `config.yaml`).
+
+    A reranker's warm start reads the first stage's scores of mined rows from mining's `scores/`
+    beside them (the miner is the warm start's teacher); other rows are scored by encoding them."""
+    return train_adapter(train, dataset, Path(run_dir), rows=rows.rows, callbacks=callbacks,
+                         teacher=mined_scores(rows) if train.task == "reranker" else None)
+
+
+def mined_scores(rows: Rows) -> list[list[float]] | None:
+    """The miner's cosine scores of each mined row, [positive, negative_1..N], from `scores/` beside
+    the rows; None for rows that were not mined (or a folder without scores)."""
+    folder = rows.path.parent / "scores"
+    if not rows.mined or not folder.is_dir():
+        return None
+    scores = Dataset.load_from_disk(str(folder))
+    return [[positive, *negatives] for positive, negatives in zip(scores["positive_score"], scores["negative_scores"])]
 
 
 @dataclass

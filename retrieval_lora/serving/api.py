@@ -96,7 +96,10 @@ class Embedder(_Client):
 class Reranker(_Client):
     """Score and rank documents for a query with a base plus (optionally) one reranker adapter.
 
-    Arguments as for `Embedder`. Scores are the cross-encoder's sigmoid outputs in [0, 1].
+    Arguments as for `Embedder`, but `model=None` (the bare base) ranks only when the base is a
+    cross-encoder with a trained head; a bi-encoder base (the default) raises InvalidRequest
+    (`no_reranker_head`) at the first call: give a reranker adapter. Scores are the logits through
+    the base's configured activation (Sigmoid, in [0, 1], unless the base was saved with another).
     """
 
     def __init__(self, model: str | None = None, *, registry: str | Path | None = None,

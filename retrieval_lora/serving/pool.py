@@ -202,8 +202,9 @@ class BaseSlot:
 
         Row i goes through adapter `adapter_names[i]` (a PEFT name from `acquire`, or
         BASE_ADAPTER). Returns (outputs, tokens per row) in input order: unit-norm float32
-        embeddings of shape (n, dim) for an embedder, float32 relevance scores in [0, 1] of
-        shape (n,) for a reranker.
+        embeddings of shape (n, dim) for an embedder, float32 relevance scores of shape (n,) for a
+        reranker: the logits through the base's own configured activation (Sigmoid, [0, 1], unless
+        a cross-encoder base was saved with another).
         """
         order = sorted(range(len(inputs)), key=lambda i: adapter_names[i])  # each adapter's rows contiguous
         names = [adapter_names[i] for i in order]

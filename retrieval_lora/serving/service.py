@@ -6,7 +6,10 @@ concurrent requests for different adapters of one base share forward passes. It 
 about HTTP, keys or request limits (see app.py); it raises `ServingError`s.
 
 Model names: the base's name (`base_name`, default the base alias or folder name) is the bare
-base, usable for embedding and reranking; every other name is an adapter spec resolved by the
+base, usable for embedding, and for reranking only when the base is a cross-encoder with a
+trained one-logit head (`models.has_trained_head`): a bi-encoder base loaded as a cross-encoder
+would rank with a freshly initialized head, so it is refused (400 `no_reranker_head`) and not
+listed as a reranker; its reranker adapters bring their trained head. Every other name is an adapter spec resolved by the
 adapter source (`name` = promoted now, `name@N` = pinned). The version is resolved once, when
 the request starts; the lease keeps that version loaded until its rows are done, so a request
 in flight during a promotion finishes on the version it started with.
@@ -31,7 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from retrieval_lora.errors import AdapterError, RetrievalLoraError
-from retrieval_lora.models import DEFAULT_BASE, AdapterMetadata, read_adapter_metadata
+from retrieval_lora.models import DEFAULT_BASE, AdapterMetadata, has_trained_head, read_adapter_metadata
 from retrieval_lora.serving.batcher import Batcher
 from retrieval_lora.serving.config import ServiceConfig, service_config
 from retrieval_lora.serving.errors import InvalidRequest, ServingError
@@ -119,6 +122,7 @@ class RetrievalService:
         self._metadata: dict[tuple[str, int], AdapterMetadata] = {}
         self._lock = threading.Lock()
         self._ready = threading.Event()
+        self._base_has_head: bool | None = None
 
     # ---- requests ------------------------------------------------------------------------
     def embed(self, model: str, texts: list[str], *, truncate: bool = True) -> Embeddings:
@@ -160,6 +164,12 @@ class RetrievalService:
     def open(self, model: str, task: str) -> Target:
         """Resolve and lease `model` for `task`; pair with `release`."""
         if model == self.base_name:
+            if task == "reranker" and not self.base_reranks():
+                raise InvalidRequest(
+                    f"model {model!r} has no trained scoring head: it is a bi-encoder, and as a cross-encoder it "
+                    f"would rank with a freshly initialized head; rerank with a reranker adapter trained on it "
+                    f"(python -m retrieval_lora.train --task reranker) or serve a cross-encoder base (--base)",
+                    code="no_reranker_head")
             slot = self.pool.base_slot(task, self.base)
             return Target(self.base_name, task, slot, BASE_ADAPTER)
         if self.source is None:
@@ -193,7 +203,8 @@ class RetrievalService:
 
     def models(self) -> list[ModelInfo]:
         """The base and every adapter name with the version a bare name resolves to now."""
-        infos = [ModelInfo(self.base_name, ["embedder", "reranker"], None, self.base)]
+        tasks = ["embedder", "reranker"] if self.base_reranks() else ["embedder"]
+        infos = [ModelInfo(self.base_name, tasks, None, self.base)]
         for name in self.source.names() if self.source else []:
             try:
                 ref = self.source.current(name)
@@ -203,6 +214,16 @@ class RetrievalService:
             except (RetrievalLoraError, OSError) as exc:  # one damaged entry must not hide the others
                 log.warning("leaving %s out of the model list: %s", name, exc)
         return infos
+
+    def base_reranks(self) -> bool:
+        """Whether the bare base may rerank: it has a trained one-logit head (read once from its files)."""
+        if self._base_has_head is None:
+            try:
+                self._base_has_head = has_trained_head(self.base)
+            except AdapterError as exc:  # the base's config is unreadable: it cannot serve as a reranker
+                log.warning("base %s: %s", self.base, exc)
+                self._base_has_head = False
+        return self._base_has_head
 
     @property
     def ready(self) -> bool:

@@ -1,11 +1,12 @@
 """Training a LoRA or QLoRA adapter for an embedder or a reranker.
 
-Reads top to bottom as setup -> train -> save:
+Reads top to bottom as setup -> [warm start] -> train -> save:
 
-    setup:  seed -> rows (shuffled) -> base model (+ 4-bit for QLoRA) -> LoRA -> loss
-            -> dev evaluator -> trainer
-    train:  sentence-transformers' trainer (progress bar, warmup + schedule, checkpoints,
-            dev evaluation, best checkpoint)
+    setup:  seed -> rows -> base model (+ 4-bit for QLoRA) -> LoRA
+    warm start (optional, a reranker): teacher scores -> MarginMSE trainer (no labels, no
+            checkpoints)
+    train:  rows shuffled -> loss -> dev evaluator -> sentence-transformers' trainer (progress
+            bar, warmup + schedule, checkpoints, dev evaluation, best checkpoint)
     save:   adapter folder (PEFT files + retrieval_lora.json), written atomically
 
 Features
@@ -30,7 +31,20 @@ Features
   which was killed for memory at 22.5 GB RSS on a 24 GB machine) or `bce` (pointwise binary
   cross-entropy; on SciFact its loss did not leave ln 2 in an epoch). Measured in
   evals/results/reranker_recipes_scifact.md. The
-  new scoring head is trained in full and saved inside the adapter.
+  scoring head is trained in full and saved inside the adapter. `lambda` and `bce` read raw
+  logits whatever activation the base is configured with (a cross-encoder saved with Sigmoid
+  would saturate them); the listwise losses keep sentence-transformers' scaled Sigmoid.
+- Reranker start on a base without a trained one-logit head (a bi-encoder such as the packaged
+  all-MiniLM-L6-v2; `models.has_trained_head`), whose scoring head is new: a step budget
+  (`min_steps`, default 200 for such a base): the labelled stage takes at least that many
+  optimizer steps, more passes over a small dataset's rows (the demo's 417 rows: 53 steps an
+  epoch, which learned nothing). Optional warm start before it (`warm_start`: "off" by default,
+  "auto" = on for such a base, "on"): the head and LoRA first learn to reproduce the frozen
+  first-stage embedder's own scores of each row's documents, MarginMSE on raw logits, targets
+  10 x the cosine margins between the positive and each negative (the miner's scores recorded
+  by mining, else encoded), `warm_start_epochs` passes, no labels. A cross-encoder base keeps
+  its own head (never re-initialized) and its `epochs`. Measured in
+  evals/results/reranker_default.md. The embedder's budget is 0 (`epochs` as given).
 - LoRA on all linear layers of the encoder by default; QLoRA (`qlora=True`) on a frozen
   4-bit NF4 base with double quantization. Gradient checkpointing: on by default with QLoRA
   (without it the 4-bit base peaks above LoRA on the CPU), optional otherwise.
@@ -38,7 +52,9 @@ Features
   positives plus a seeded sample of the corpus); the best checkpoint's adapter is the one saved.
 - Checkpoints every `checkpoint_steps` under `<run>/checkpoints/`. `resume=True` continues from
   the last complete checkpoint (adapter weights, optimizer, scheduler, RNG states, data
-  position) after a crash or kill -9; the result equals an uninterrupted run.
+  position) after a crash or kill -9; the result equals an uninterrupted run. Checkpoints are
+  of the labelled stage: a resumed run skips the warm start (the checkpoint holds its effect);
+  a run killed during the warm start has no checkpoint and starts again.
 - The adapter folder `<run>/adapter` appears only after training finished (atomic rename), so
   an interrupted run never leaves an adapter that looks finished.
 - A run whose training loss did not fall (`LossTrend`: first vs last logged values) warns that
@@ -62,8 +78,8 @@ sharded (FSDP/DeepSpeed) training: a LoRA adapter and a MiniLM/BERT-sized base f
 
 from retrieval_lora.lazy import lazy_exports
 from retrieval_lora.training.config import (
-    CHECKPOINT_FILES, DEFAULT_BATCH_SIZE, DEFAULT_NEGATIVES, DEV_METRIC, LOSSES, PRECISIONS, RESUME_IGNORED, SCHEDULES,
-    TrainConfig,
+    CHECKPOINT_FILES, DEFAULT_BATCH_SIZE, DEFAULT_MIN_STEPS, DEFAULT_NEGATIVES, DEV_METRIC, LOSSES, PRECISIONS,
+    RESUME_IGNORED, SCHEDULES, WARM_START_SCALE, WARM_STARTS, TrainConfig,
     json_ready, mining_config, weight_settings,
 )
 
@@ -77,6 +93,8 @@ __getattr__ = lazy_exports(__name__, {name: ".run" for name in (
     "last_complete_checkpoint",
     "set_attention_dropout",
     "train_adapter",
+    "teacher_scores",
+    "warm_start_loss",
 )})
 
-__all__ = ["CHECKPOINT_FILES", "DEFAULT_BATCH_SIZE", "DEFAULT_NEGATIVES", "DEV_METRIC", "LOSSES", "PRECISIONS", "RESUME_IGNORED", "SCHEDULES", "TrainConfig", "json_ready", "mining_config", "weight_settings"]  # and the lazily loaded names above
+__all__ = ["CHECKPOINT_FILES", "DEFAULT_BATCH_SIZE", "DEFAULT_MIN_STEPS", "DEFAULT_NEGATIVES", "WARM_START_SCALE", "WARM_STARTS", "DEV_METRIC", "LOSSES", "PRECISIONS", "RESUME_IGNORED", "SCHEDULES", "TrainConfig", "json_ready", "mining_config", "weight_settings"]  # and the lazily loaded names above

@@ -14,6 +14,8 @@ from retrieval_lora.models.settings import DEFAULT_BASE, DEFAULT_MAX_SEQ_LENGTH,
 
 Schedule = Literal["linear", "cosine", "constant_with_warmup"]
 SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
+WarmStart = Literal["auto", "on", "off"]
+WARM_STARTS: tuple[str, ...] = typing.get_args(WarmStart)
 # The first loss of each task is its default (measured: evals/results/training_scifact.md for the
 # embedder, evals/results/reranker_recipes_scifact.md for the reranker).
 LOSSES = {"embedder": ("cached-mnrl", "mnrl"), "reranker": ("lambda", "cached-listwise", "listwise", "bce")}
@@ -22,6 +24,14 @@ DEFAULT_BATCH_SIZE = {"embedder": 32, "reranker": 8}
 # documents; the reranker's sees only the row's own negatives, and 4 instead of 1 took its SciFact
 # probe from 0.6080 to 0.6638 nDCG@10 (evals/results/reranker_recipes_scifact.md).
 DEFAULT_NEGATIVES = {"embedder": 1, "reranker": 4}
+# Optimizer steps the labelled stage takes at least (epochs are raised on a small dataset). A
+# reranker whose base has no trained head starts from a random one: on SciFact it beat the first
+# stage after 210 steps (2 epochs), on the demo one epoch (52 steps) learned nothing
+# (evals/results/reranker_default.md). A cross-encoder base and the embedder keep --epochs.
+DEFAULT_MIN_STEPS = {"embedder": 0, "reranker": 200}
+# The warm start's targets: the teacher's cosine scores times this, so that score differences land
+# in the range LambdaLoss reads as confident (a cosine margin of 0.2 becomes a logit margin of 2).
+WARM_START_SCALE = 10.0
 CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 # Settings that never change the trained weights: a resumed run may differ in these, and a cached
 # training step is reused across them (gradient checkpointing recomputes the same activations).
@@ -44,6 +54,17 @@ class TrainConfig:
     gradient_checkpointing: bool | None = field(None, "recompute activations in the backward pass: less memory, more time; default: on with --qlora (as peft's prepare_model_for_kbit_training; measured in evals/results/memory_scaling.md: 4-bit weights alone leave QLoRA above LoRA), off otherwise")
     attention_dropout: float = field(0.0, "dropout on the frozen base's attention probabilities while training; 0 lets PyTorch's fused attention kernel run (measured: 9.1 GB instead of 13 GB and 20% less time for a batch of 32 x 256 tokens); -1 keeps the base's own")
     epochs: float = field(1.0, "passes over the training rows")
+    min_steps: int | None = field(None, "step budget: the labelled stage takes at least this many optimizer steps "
+                                        "(more passes over a small dataset's rows); default: 200 for a reranker on a "
+                                        "base without a trained head (its new head needs them, measured), else 0; "
+                                        "0 = --epochs as given")
+    warm_start: WarmStart = field("off", "reranker only: before the labelled stage, teach the scoring head and LoRA to "
+                                          "reproduce the frozen first-stage embedder's own scores of each row's "
+                                          "documents (MarginMSE on raw logits, no labels); 'auto': on for a base without "
+                                          "a trained one-logit head (a bi-encoder such as the packaged default), off for "
+                                          "a cross-encoder base; 'on' / 'off' (the default: on the demo its loss did not fall within an "
+                                          "epoch, measured in evals/results/reranker_default.md)")
+    warm_start_epochs: float = field(1.0, "passes over the training rows in the warm start")
     batch_size: int = field(0, "rows per step; 0 = auto: 32 for the embedder (its in-batch negatives + 1), 8 for the reranker (more steps for its new scoring head)")
     lr: float = field(1e-3, "peak learning rate of the LoRA weights (and the reranker head)")
     warmup_ratio: float = field(0.1, "share of steps with a linear warmup from 0 to --lr")
@@ -64,6 +85,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
+        if isinstance(self.warm_start, bool):  # YAML reads a bare on/off as a boolean
+            self.warm_start = "on" if self.warm_start else "off"
         problems = []
         if self.task not in TASKS:
             problems.append(f"task={self.task!r}: must be one of {', '.join(TASKS)}")
@@ -75,7 +98,14 @@ class TrainConfig:
             problems.append(f"negatives={self.negatives}: must be >= 0 (0 = no mined negatives)")
         if self.batch_size < 0:
             problems.append(f"batch_size={self.batch_size}: must be >= 0 (0 = auto)")
-        for name in ("epochs", "lr", "checkpoint_steps",
+        if self.warm_start not in WARM_STARTS:
+            problems.append(f"warm_start={self.warm_start!r}: must be one of {', '.join(WARM_STARTS)}")
+        elif self.warm_start == "on" and self.task == "embedder":
+            problems.append("warm_start='on' is for the reranker (its new scoring head); use 'auto' or 'off' for the "
+                            "embedder")
+        if self.min_steps is not None and self.min_steps < 0:
+            problems.append(f"min_steps={self.min_steps}: must be >= 0 (0 = --epochs as given)")
+        for name in ("epochs", "warm_start_epochs", "lr", "checkpoint_steps",
                      "mini_batch_size", "dev_corpus_size"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}={getattr(self, name)}: must be > 0")
@@ -115,6 +145,18 @@ class TrainConfig:
     @property
     def resolved_negatives(self) -> int:
         return DEFAULT_NEGATIVES[self.task] if self.negatives is None else self.negatives
+
+    def resolved_min_steps(self, base_has_head: bool) -> int:
+        """The labelled stage's step budget for a base that has (`base_has_head`) or lacks a trained head."""
+        if self.min_steps is not None:
+            return self.min_steps
+        return 0 if base_has_head else DEFAULT_MIN_STEPS[self.task]
+
+    def warm_starts(self, base_has_head: bool) -> bool:
+        """Whether this run warm-starts, for a base that has (`base_has_head`) or lacks a trained one-logit head."""
+        if self.task != "reranker" or self.warm_start == "off":
+            return False
+        return self.warm_start == "on" or not base_has_head
 
     @property
     def mines_negatives(self) -> bool:

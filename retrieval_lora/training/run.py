@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 import warnings
@@ -26,11 +27,14 @@ from transformers import TrainerCallback
 from retrieval_lora.config import save_config
 from retrieval_lora.data import RetrievalDataset, dataset_fingerprint, load_pairs, pairs_fingerprint, pairs_from_qrels
 from retrieval_lora.errors import TrainingError
+from retrieval_lora.manifest import write_json_atomic
 from retrieval_lora.models import (
-    AdapterMetadata, RetrievalModel, attach_lora, base_fingerprint, load_adapter_weights, load_base, save_adapter,
-    trainable_parameters,
+    AdapterMetadata, RetrievalModel, attach_lora, base_fingerprint, has_trained_head, load_adapter_weights, load_base,
+    save_adapter, trainable_parameters,
 )
-from retrieval_lora.training.config import CHECKPOINT_FILES, DEV_METRIC, TrainConfig, json_ready, weight_settings
+from retrieval_lora.training.config import (
+    CHECKPOINT_FILES, DEV_METRIC, WARM_START_SCALE, TrainConfig, json_ready, weight_settings,
+)
 from retrieval_lora.training.distributed import WholeGlobalBatches, per_device_batch, process_device, uses_cuda, world
 
 @dataclass
@@ -170,7 +174,8 @@ def _check_resumable(config: TrainConfig, run_dir: Path, splits: list[str]) -> P
     newest = last_complete_checkpoint(folder)  # every file rank 0 writes
     if newest is None:
         raise TrainingError(f"--resume: no complete checkpoint under {folder}; "
-                            "start without --resume (checkpoints are written every --checkpoint-steps steps)")
+                            "start without --resume (checkpoints are written every --checkpoint-steps steps of the "
+                            "labelled stage; a reranker's warm start before it writes none)")
     state = yaml.safe_load((newest / "trainer_state.json").read_text()) or {}
     written_per_process, per_process = state.get("train_batch_size"), per_device_batch(config.resolved_batch_size, processes)
     if written_per_process and written_per_process != per_process:
@@ -225,7 +230,11 @@ def set_attention_dropout(model: torch.nn.Module, p: float) -> int:
 
 
 def _setup_loss(config: TrainConfig, model: RetrievalModel) -> torch.nn.Module:
+    """The labelled stage's loss. The reranker's pointwise and LambdaLoss read raw logits whatever
+    activation the base is configured with (a cross-encoder's Sigmoid saturates them); the listwise
+    losses keep sentence-transformers' own scaled Sigmoid, which their softmax is designed around."""
     name = config.resolved_loss
+    raw = torch.nn.Identity()
     # With several processes, each one's queries are ranked against the documents of the whole global
     # batch (gathered from every process), as one process with that batch would rank them.
     gather = world().distributed
@@ -239,8 +248,8 @@ def _setup_loss(config: TrainConfig, model: RetrievalModel) -> torch.nn.Module:
     if name == "listwise":
         return reranker_losses.MultipleNegativesRankingLoss(model)
     if name == "lambda":
-        return reranker_losses.LambdaLoss(model)
-    return reranker_losses.BinaryCrossEntropyLoss(model)
+        return reranker_losses.LambdaLoss(model, activation_fn=raw)
+    return reranker_losses.BinaryCrossEntropyLoss(model, activation_fn=raw)
 
 
 def _rows_for_loss(config: TrainConfig, rows: Dataset) -> Dataset:
@@ -262,6 +271,71 @@ def _rows_for_loss(config: TrainConfig, rows: Dataset) -> Dataset:
             "labels": [[1] + [0] * len(negatives) for _ in rows],
         })
     return rows
+
+
+def _document_columns(rows: Dataset) -> list[str]:
+    return ["positive", *(c for c in rows.column_names if c.startswith("negative"))]
+
+
+def _warm_start_rows(rows: Dataset) -> Dataset:
+    """The warm start's (query, positive, negative_1..N) texts: `rows` as they are, or, when they carry
+    no negative, each row's negative is the next row's positive (MarginMSE needs one to compare with)."""
+    if len(_document_columns(rows)) > 1:
+        return rows.select_columns(["query", *_document_columns(rows)])
+    positives = rows["positive"]
+    return Dataset.from_dict({"query": rows["query"], "positive": positives,
+                              "negative_1": positives[1:] + positives[:1]})
+
+
+def teacher_scores(config: TrainConfig, rows: Dataset) -> list[list[float]]:
+    """The frozen first-stage embedder's (`config.miner or config.base`) cosine score of each row's
+    documents, per row [positive, negative_1, ...] (the columns `_warm_start_rows` gives); each
+    distinct text is encoded once, with a progress bar."""
+    teacher = load_base("embedder", config.miner or config.base, max_seq_length=config.max_seq_length,
+                        device=process_device(config.device))
+    columns = _document_columns(rows)
+    texts = sorted(set(rows["query"]) | {text for column in columns for text in rows[column]})
+    vectors = teacher.encode(texts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True,
+                             show_progress_bar=world().is_main)
+    at = {text: i for i, text in enumerate(texts)}
+    queries = vectors[[at[text] for text in rows["query"]]]
+    scores = torch.stack([(queries * vectors[[at[text] for text in rows[column]]]).sum(dim=1) for column in columns],
+                         dim=1)
+    return scores.float().cpu().tolist()
+
+
+def _warm_start(config: TrainConfig, model: RetrievalModel, rows: Dataset, teacher: list[list[float]] | None,
+                run_dir: Path) -> dict[str, Any]:
+    """Train the new scoring head and LoRA to reproduce the teacher's score margins between each row's
+    positive and its negatives (MarginMSELoss on raw logits, targets `WARM_START_SCALE` x cosine), for
+    `config.warm_start_epochs` passes, no checkpoints. Returns what the adapter's metadata records."""
+    texts = _warm_start_rows(rows)
+    if teacher is None or len(teacher) != len(texts) or len(teacher[0]) != len(_document_columns(texts)):
+        teacher = teacher_scores(config, texts)
+    data = texts.add_column("label", [[WARM_START_SCALE * score for score in row] for row in teacher])
+    data = data.shuffle(seed=config.seed)
+    args = CrossEncoderTrainingArguments(**_common_args(config, run_dir / "warm_start", config.warm_start_epochs),
+                                         save_strategy="no")
+    trainer = RerankerTrainer(model=model, args=args, train_dataset=data, loss=warm_start_loss(model))
+    trainer.train()
+    trend = loss_trend(trainer.state.log_history)
+    return {"teacher": config.miner or config.base, "steps": trainer.state.global_step, "rows": len(data),
+            "epochs": config.warm_start_epochs, "scale": WARM_START_SCALE,
+            "loss": dataclasses.asdict(trend) | {"fell": trend.fell} if trend else None}
+
+
+def warm_start_loss(model: RetrievalModel) -> torch.nn.Module:
+    """MarginMSELoss on raw logits: (logit of the positive - logit of each negative) regressed onto the
+    teacher's margins; the base's configured activation (a Sigmoid) never enters the loss."""
+    return reranker_losses.MarginMSELoss(model, activation_fn=torch.nn.Identity())
+
+
+def _stage_steps(config: TrainConfig, rows: int, base_has_head: bool) -> int:
+    """Optimizer steps of the labelled stage: `epochs` passes over `rows`, at least the step budget
+    `resolved_min_steps` (-1: as many as the epochs give, the Trainer's own count)."""
+    per_epoch = max(1, -(-rows // config.resolved_batch_size))
+    wanted = config.resolved_min_steps(base_has_head)
+    return wanted if wanted > per_epoch * config.epochs else -1
 
 
 def _setup_dev_evaluator(config: TrainConfig, dataset: RetrievalDataset):
@@ -301,25 +375,32 @@ def resolved_precision(config: TrainConfig) -> str:
     return config.precision
 
 
-def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, evaluator, workdir: Path):
+def _common_args(config: TrainConfig, output_dir: Path, epochs: float) -> dict[str, Any]:
+    """Training arguments both stages share (the warm start and the labelled stage)."""
     processes = world().size
     # `batch_size` is the global batch (all processes together), so a run means the same on any number of them.
     per_process = per_device_batch(config.resolved_batch_size, processes)
-    common: dict[str, Any] = dict(
-        output_dir=str(workdir / "checkpoints"), num_train_epochs=config.epochs,
+    return dict(
+        output_dir=str(output_dir), num_train_epochs=epochs,
         per_device_train_batch_size=per_process, per_device_eval_batch_size=per_process,
         learning_rate=config.lr,
         warmup_steps=config.warmup_ratio,  # transformers 5 reads a float below 1 as a share of all steps
-        lr_scheduler_type=config.schedule, seed=config.seed, data_seed=config.seed, logging_steps=5,
-        save_strategy="steps", save_steps=config.checkpoint_steps, report_to="none",
+        lr_scheduler_type=config.schedule, seed=config.seed, data_seed=config.seed, logging_steps=5, report_to="none",
         use_cpu=not uses_cuda(config.device),
         bf16=resolved_precision(config) == "bf16", fp16=resolved_precision(config) == "fp16",
-        batch_sampler=WholeGlobalBatches if processes > 1 else BatchSamplers.NO_DUPLICATES,
+        batch_sampler=WholeGlobalBatches if world().size > 1 else BatchSamplers.NO_DUPLICATES,
         activation_checkpointing=config.gradient_checkpointing,
         # A reranker uses every trainable weight (LoRA on each layer, the pooler, the head) in every
         # step; DDP's search for unused ones breaks when a loss runs several forward passes per step.
         ddp_find_unused_parameters=False if config.task == "reranker" else None,
     )
+
+
+def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, evaluator, workdir: Path,
+                   base_has_head: bool):
+    common = _common_args(config, workdir / "checkpoints", config.epochs)
+    common.update(save_strategy="steps", save_steps=config.checkpoint_steps,
+                  max_steps=_stage_steps(config, len(rows), base_has_head))
     if evaluator is not None:
         common.update(eval_strategy="steps", eval_steps=config.checkpoint_steps, load_best_model_at_end=True,
                       metric_for_best_model=DEV_METRIC[config.task], greater_is_better=True)
@@ -334,13 +415,17 @@ def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, ev
 
 
 def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path, rows: Dataset | None = None,
-                  callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+                  callbacks: list[TrainerCallback] | None = None,
+                  teacher: list[list[float]] | None = None) -> TrainResult:
     """Train an adapter per `config` on `dataset`; save it to `run_dir / "adapter"`.
 
     `rows` (columns query, positive[, negative_1..N]): the training rows, usually with mined hard
     negatives from `retrieval_lora.pipeline.build_rows`; None takes `train_pairs` or the train split's
-    labelled pairs as they are. `callbacks` are extra
-    transformers TrainerCallbacks (progress hooks, fault injection in tests).
+    labelled pairs as they are. `callbacks` are extra transformers TrainerCallbacks of the labelled
+    stage (progress hooks, fault injection in tests). `teacher`: for a reranker's warm start, the
+    first stage's cosine scores of `rows` (per row [positive, negative_1..N], as mining recorded them);
+    None encodes them (`teacher_scores`). A resumed run skips the warm start: its checkpoint holds the
+    weights the warm start and the steps before it left.
 
     Returns the trained model (best checkpoint's adapter, in eval mode) and the saved folder.
 
@@ -351,10 +436,19 @@ def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path,
     resume_from = _check_resumable(config, run_dir, dataset.splits) if config.resume else None
     if here.is_main:  # the Trainer writes checkpoints from rank 0 too (each rank adds its RNG state)
         save_config(config, run_dir / "config.yaml")
-    rows = (_setup_rows(config, dataset) if rows is None else rows).shuffle(seed=config.seed)
+    rows = _setup_rows(config, dataset) if rows is None else rows
     model = _setup_model(config)
+    warm, warm_file, headed = None, run_dir / "warm_start.json", config.task == "reranker" and has_trained_head(config.base)
+    if config.warm_starts(headed):
+        if resume_from is None:
+            warm = _warm_start(config, model, rows, teacher, run_dir)
+            if here.is_main:
+                write_json_atomic(warm_file, warm)
+        elif warm_file.is_file():
+            warm = json.loads(warm_file.read_text(encoding="utf-8"))
+    rows = rows.shuffle(seed=config.seed)
     evaluator = _setup_dev_evaluator(config, dataset)
-    trainer = _setup_trainer(config, model, rows, evaluator, run_dir)
+    trainer = _setup_trainer(config, model, rows, evaluator, run_dir, headed)
     for callback in callbacks or []:
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -370,7 +464,8 @@ def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path,
         dataset_fingerprint=pairs_fingerprint(rows) if config.train_pairs else dataset_fingerprint(dataset),
         qlora=config.qlora, config=json_ready(config),
         metrics={"trainable_parameters": trainable, "total_parameters": total,
-                 "best_dev_metric": trainer.state.best_metric,
+                 "best_dev_metric": trainer.state.best_metric, "steps": trainer.state.global_step,
+                 "warm_start": warm,
                  "training_loss": dataclasses.asdict(trend) | {"fell": trend.fell} if trend else None},
     )
     # Every rank holds the same weights after the last all-reduce; one writes them.
