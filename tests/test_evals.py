@@ -173,6 +173,7 @@ TABLES = {  # committed table -> how today's script writes it from the committed
         _load("scifact_evaluation.json")),
     "serving.md": _serving,
     "serving_cpu_load.md": _serving,
+    "serving_threads2.md": _serving,
     "step_time_nfcorpus.md": _step_time,
     "mining_downstream_scifact.md": _downstream,
     "task_runners.md": lambda n: importlib.import_module("bench_task_runners")._markdown(_load("task_runners.json")),
