@@ -68,7 +68,13 @@ def _encode_then_mine_equals_one_process(runner, tiny_beir: Path, tmp_path: Path
     alone = mine_hard_negatives(model, dataset, "train", MiningConfig(cache_dir="", **MINING))
     assert clustered.stats["cache"]["corpus"] == "hit" and alone.stats["cache"]["corpus"] == "off"
     assert clustered.rows.to_list() == alone.rows.to_list() and len(alone.rows) > 0
-    assert clustered.scores.to_list() == alone.scores.to_list()
+    # Scores: equal to float32 rounding. A worker process's encoding can differ in the last bits on some
+    # CPUs (seen on an AVX512-BF16/FP16 machine: 1.2e-7; bit-identical on others), never in the rows.
+    for ours, theirs in zip(clustered.scores.to_list(), alone.scores.to_list(), strict=True):
+        assert {k: v for k, v in ours.items() if not k.endswith(("_score", "_scores"))} == \
+            {k: v for k, v in theirs.items() if not k.endswith(("_score", "_scores"))}
+        np.testing.assert_allclose(ours["positive_score"], theirs["positive_score"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(ours["negative_scores"], theirs["negative_scores"], rtol=0, atol=1e-6)
     return str(state.state_details.flow_run_id)
 
 
