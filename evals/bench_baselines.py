@@ -33,17 +33,12 @@ PUBLISHED_BM25 = {"scifact": 0.679, "nfcorpus": 0.322}  # Pyserini BM25 flat, BE
 METRIC = "ndcg@10"
 
 
-def pairs_fingerprint(rows) -> str:
-    from retrieval_lora.data import pairs_fingerprint as fingerprint
-
-    return fingerprint(rows)
-
-
 def train_ours(config, dataset, data, work: Path, cap: int, seed: int = 42) -> tuple[Path, dict]:
     """Our default adapter (`config`: TrainConfig defaults for its task) trained by the pipeline's verbs, or the
     one already in <work>/<task>. `cap`: at most this many mined rows, a seeded shuffle first (as
     bench_training.py's --max-train-pairs)."""
     from retrieval_lora import pipeline
+    from retrieval_lora.data import pairs_fingerprint
 
     run_dir = work / config.task
     info_file = run_dir / "bench_train.json"
@@ -64,7 +59,7 @@ def train_ours(config, dataset, data, work: Path, cap: int, seed: int = 42) -> t
     return result.adapter_dir, info
 
 
-def peer_full(dataset, rows_path: str, guards: dict, work: Path, threads: int) -> dict:
+def peer_full(dataset, rows_path: str, guards: dict, work: Path) -> dict:
     """sentence-transformers full fine-tuning on our rows; nDCG@10 of base vs it on the dataset and each guard."""
     from datasets import load_from_disk
 
@@ -180,7 +175,7 @@ def main() -> None:
                   "gates": gates}
     if args.peer_full:
         guards = {Path(g).name: pipeline.load_data(pipeline.DataConfig(path=g)) for g in guard_folders}
-        report["peer_full"] = peer_full(dataset, report["train"]["rows_path"], guards, work, args.threads)
+        report["peer_full"] = peer_full(dataset, report["train"]["rows_path"], guards, work)
         report["peer_full_command"] = harness.command_line(__file__)
     harness.write_results(results, report, markdown(report))
     print(markdown(report))

@@ -388,7 +388,7 @@ def _common_args(config: TrainConfig, output_dir: Path, epochs: float) -> dict[s
         lr_scheduler_type=config.schedule, seed=config.seed, data_seed=config.seed, logging_steps=5, report_to="none",
         use_cpu=not uses_cuda(config.device),
         bf16=resolved_precision(config) == "bf16", fp16=resolved_precision(config) == "fp16",
-        batch_sampler=WholeGlobalBatches if world().size > 1 else BatchSamplers.NO_DUPLICATES,
+        batch_sampler=WholeGlobalBatches if processes > 1 else BatchSamplers.NO_DUPLICATES,
         activation_checkpointing=config.gradient_checkpointing,
         # A reranker uses every trainable weight (LoRA on each layer, the pooler, the head) in every
         # step; DDP's search for unused ones breaks when a loss runs several forward passes per step.
