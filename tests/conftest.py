@@ -107,11 +107,16 @@ def prefect_api() -> str:
         yield PREFECT_API_URL.value()
 
 
-def make_cross_encoder(base: str, folder: Path, activation: str = "sigmoid") -> Path:
+def make_cross_encoder(base: str, folder: Path, activation: str = "sigmoid", prior: bool = False) -> Path:
     """A standalone cross-encoder with a trained-looking one-logit head, made offline: a reranker adapter
     (LoRA and head given seeded random values, as training would) merged into the base and saved, with
-    `activation` ("sigmoid" or "identity") as its configured activation."""
+    `activation` ("sigmoid" or "identity") as its configured activation. Without `prior` its config
+    loses the cosine prior the bi-encoder base gave it: a plain cross-encoder, as a hub one is."""
+    import json
+
     import torch
+
+    from retrieval_lora.models.prior import PRIOR_KEY
 
     from retrieval_lora.models import LoraSettings, attach_lora, load_base, save_merged, transformer_of
 
@@ -124,7 +129,12 @@ def make_cross_encoder(base: str, folder: Path, activation: str = "sigmoid") -> 
             if parameter.requires_grad:
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
     model.activation_fn = torch.nn.Sigmoid() if activation == "sigmoid" else torch.nn.Identity()
-    return save_merged(model, folder)
+    saved = save_merged(model, folder)
+    if not prior:
+        config = json.loads((saved / "config.json").read_text())
+        config.pop(PRIOR_KEY)
+        (saved / "config.json").write_text(json.dumps(config))
+    return saved
 
 
 @pytest.fixture(scope="session")

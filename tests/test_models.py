@@ -265,3 +265,82 @@ def test_a_cross_encoder_base_keeps_its_head_and_its_activation(cross_encoder_ba
                             "base_model.model.classifier.modules_to_save.default.bias"}
     for name, parameter in trained.items():  # the head that trains starts as the saved head
         torch.testing.assert_close(parameter.detach(), saved[f"classifier.{name.rsplit('.', 1)[-1]}"], rtol=0, atol=0)
+
+
+def _cosines(base_path: str, pairs: list[tuple[str, str]]) -> np.ndarray:
+    embedder = load_base("embedder", base_path)
+    queries = embedder.encode([q for q, _ in pairs], normalize_embeddings=True)
+    documents = embedder.encode([d for _, d in pairs], normalize_embeddings=True)
+    return (queries * documents).sum(axis=1)
+
+
+def test_a_reranker_from_a_bi_encoder_starts_by_ranking_as_the_embedder(base_path: str) -> None:
+    """The cosine prior: a zero head plus 20 x the embedder's own cosine, until LoRA and head train."""
+    from retrieval_lora.models.prior import DEFAULT_SCALE, cosine_prior
+
+    pairs = PAIRS + [("reverse a list", "with open(p) as f: ..."), ("open a file", "the weather is nice today")]
+    model = load_base("reranker", base_path)
+    assert cosine_prior(model) == {"scale": DEFAULT_SCALE, "pooling": "mean"}
+    expected = DEFAULT_SCALE * _cosines(base_path, pairs)
+    scores = model.predict(pairs, activation_fn=torch.nn.Identity())
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
+    attach_lora(model, "reranker", LoraSettings())  # B = 0 and a zero head: still the embedder
+    np.testing.assert_allclose(model.predict(pairs, activation_fn=torch.nn.Identity()), expected, atol=1e-4)
+    _perturb_lora(model)
+    assert not np.allclose(model.predict(pairs, activation_fn=torch.nn.Identity()), expected, atol=1e-2)
+
+
+def test_a_cross_encoder_base_gets_no_prior_and_a_merged_export_keeps_it(base_path: str, cross_encoder_base: str,
+                                                                        tmp_path: Path) -> None:
+    from retrieval_lora.models.prior import cosine_prior
+
+    assert cosine_prior(load_base("reranker", cross_encoder_base)) is None  # a hub-style cross-encoder
+    model = _adapted("reranker", base_path)
+    expected = _outputs("reranker", model)
+    save_merged(model, tmp_path / "merged")
+    merged = load_base("reranker", str(tmp_path / "merged"))
+    assert cosine_prior(merged) == {"scale": 20.0, "pooling": "mean"}
+    np.testing.assert_allclose(_outputs("reranker", merged), expected, atol=1e-5)
+
+
+def test_an_adapter_trained_without_the_prior_is_refused_by_a_base_that_has_it(base_path: str,
+                                                                               tmp_path: Path) -> None:
+    model = _adapted("reranker", base_path)
+    folder = save_adapter(model, tmp_path / "adapter", _metadata("reranker", model))
+    meta = json.loads((folder / "retrieval_lora.json").read_text())
+    assert meta["cosine_prior"] == {"scale": 20.0, "pooling": "mean"}
+    (folder / "retrieval_lora.json").write_text(json.dumps(meta | {"cosine_prior": None, "format_version": 1}))
+    with pytest.raises(AdapterError, match="trained with cosine prior None.*must be retrained"):
+        load_adapter(load_base("reranker", base_path), folder, "reranker")
+
+
+@pytest.mark.parametrize("template", ["bert", "roberta"])
+def test_pairs_split_into_the_query_and_the_document_as_encoded_alone(template: str) -> None:
+    from retrieval_lora.models.prior import split_pairs
+
+    cls, sep, pad = (101, 102, 0) if template == "bert" else (0, 2, 1)
+    middle = [sep] if template == "bert" else [sep, sep]
+    rows = [[cls, 5, 6, *middle, 7, 8, 9, sep], [cls, 5, *middle, 7, sep]]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    (q_ids, q_mask), (d_ids, d_mask) = split_pairs(ids, mask, sep, cls, pad)
+    assert q_ids.tolist() == [[cls, 5, 6, sep], [cls, 5, sep, pad]] and q_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert d_ids.tolist() == [[cls, 7, 8, 9, sep], [cls, 7, sep, pad, pad]]
+    assert d_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    with pytest.raises(ValueError, match="no separator"):
+        split_pairs(torch.tensor([[cls, 5, 6]]), torch.ones(1, 3, dtype=torch.long), sep, cls, pad)
+
+
+def test_the_prior_pools_as_the_bi_encoder_does(tmp_path: Path, base_path: str) -> None:
+    from retrieval_lora.models.prior import pooling_of
+
+    assert pooling_of(base_path) == "mean" and pooling_of(None) == "mean"
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "modules.json").write_text(json.dumps([{"idx": 1, "path": "1_Pooling",
+                                                        "type": "sentence_transformers.models.Pooling"}]))
+    for mode, expected in (("cls", "cls"), ("lasttoken", None)):
+        (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": mode}))
+        assert pooling_of(str(tmp_path)) == expected
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert pooling_of(str(tmp_path)) == "cls"

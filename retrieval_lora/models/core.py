@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator
@@ -15,12 +16,13 @@ from peft import PeftModel, get_peft_model
 from sentence_transformers import CrossEncoder, SentenceTransformer
 
 from retrieval_lora.errors import AdapterError
+from retrieval_lora.models.prior import DEFAULT_SCALE, PRIOR_KEY, cosine_prior, install_cosine_prior, pooling_of
 from retrieval_lora.models.settings import DEFAULT_BASE, LoraSettings, check_task, resolve_base
 from retrieval_lora.manifest import library_versions, replace_dir_atomic, staging_dir, write_json_atomic
 
 RetrievalModel = Union[SentenceTransformer, CrossEncoder]
 METADATA_FILE = "retrieval_lora.json"
-ADAPTER_FORMAT_VERSION = 1
+ADAPTER_FORMAT_VERSION = 2  # 2: a reranker records its cosine prior
 
 
 HEAD_MODULES = ["classifier", "score"]  # scoring-head names of transformers' sequence classifiers
@@ -40,7 +42,7 @@ def has_trained_head(base: str) -> bool:
     """Whether `base` was saved as a one-logit sequence classifier with its scoring head (a cross-encoder).
 
     A bi-encoder (the packaged all-MiniLM-L6-v2: architecture `BertModel`) has no head: loaded as a
-    reranker it scores with a freshly initialized one. Reads only the base's config and, for a local
+    reranker it scores with a new one (zero, under the cosine prior of `models.prior`). Reads only the base's config and, for a local
     folder, the names of its saved weights (a config that claims a head the weights lack counts as
     none); a hub id needs its config cached or reachable.
 
@@ -96,17 +98,66 @@ def load_base(task: str, base: str = DEFAULT_BASE, *, qlora: bool = False, max_s
         kwargs["model_kwargs"] = {"quantization_config": _quantization_config()}
     path = resolve_base(base)
     try:
-        model = SentenceTransformer(path, **kwargs) if task == "embedder" else CrossEncoder(path, num_labels=1, **kwargs)
+        if task == "embedder":
+            model = SentenceTransformer(path, **kwargs)
+        else:
+            with _quiet_about_a_new_head(path):
+                model = CrossEncoder(path, num_labels=1, **kwargs)
     except (OSError, ValueError) as exc:
         raise AdapterError(f"cannot load base model {base!r} ({exc}); give a local model folder, a hub id "
                            f"reachable from here, or {DEFAULT_BASE!r} for the packaged default") from exc
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
+    if task == "reranker":
+        _setup_cosine_prior(model, base, path)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if qlora:
         keep_4bit_layout(model)
     return model
+
+
+@contextmanager
+def _quiet_about_a_new_head(path: str) -> Iterator[None]:
+    """Silence transformers' load report (a table of MISSING classifier weights) when `path` is a local
+    bi-encoder loaded as a reranker: its new head is expected, and ours to initialize."""
+    from transformers.utils import logging as hf_logging
+
+    if not Path(path).is_dir() or has_trained_head(path):
+        yield
+        return
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _setup_cosine_prior(model: CrossEncoder, base: str, path: str) -> None:
+    """Give a reranker the cosine prior (`retrieval_lora.models.prior`) when its config records one (a
+    merged export) or its base has no trained head (a bi-encoder whose pooling the prior can repeat)."""
+    recorded = getattr(model[0].model.config, PRIOR_KEY, None)
+    if recorded:
+        install_cosine_prior(model, recorded, zero_head=False)
+        return
+    if has_trained_head(base):
+        return
+    pooling = pooling_of(_local_folder(path))
+    if pooling is not None:
+        install_cosine_prior(model, {"scale": DEFAULT_SCALE, "pooling": pooling}, zero_head=True)
+
+
+def _local_folder(path: str) -> str | None:
+    """`path` itself when it is a folder, else the cached snapshot of that hub id (None when none is cached)."""
+    if Path(path).is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached: pooling_of(None) answers "mean"
+        return None
 
 
 def keep_4bit_layout(model: torch.nn.Module) -> int:
@@ -189,6 +240,7 @@ class AdapterMetadata:
     config: dict[str, Any] = dc_field(default_factory=dict)
     metrics: dict[str, Any] = dc_field(default_factory=dict)
     libraries: dict[str, str] = dc_field(default_factory=library_versions)
+    cosine_prior: dict[str, Any] | None = None  # a reranker's, as `save_adapter` found it on the model
     format_version: int = ADAPTER_FORMAT_VERSION
 
 
@@ -223,6 +275,8 @@ def save_adapter(model: RetrievalModel, path: str | Path, metadata: AdapterMetad
     if not isinstance(inner, PeftModel):
         raise AdapterError("this model has no adapter to save; call attach_lora or load_adapter first")
     target = Path(path)
+    if isinstance(model, CrossEncoder):
+        metadata = dataclasses.replace(metadata, cosine_prior=cosine_prior(model))
     staging = staging_dir(target)
     inner.save_pretrained(str(staging))
     (staging / "README.md").unlink(missing_ok=True)  # peft's model card template says nothing true about us
@@ -249,6 +303,10 @@ def load_adapter(model: RetrievalModel, path: str | Path, task: str, *, adapter_
         raise AdapterError(f"adapter {path} was trained on base {metadata.base_model!r} "
                            f"(fingerprint {metadata.base_fingerprint}), but the loaded base has fingerprint "
                            f"{fingerprint}; load the base it was trained on")
+    if task == "reranker" and metadata.cosine_prior != cosine_prior(model):
+        raise AdapterError(f"adapter {path} was trained with cosine prior {metadata.cosine_prior}, but this base "
+                           f"scores with {cosine_prior(model)} (retrieval_lora.models.prior); an adapter saved before "
+                           "the prior existed (format 1) must be retrained on this version")
     inner = transformer_of(model)
     try:
         if isinstance(inner, PeftModel):

@@ -8,8 +8,9 @@ about HTTP, keys or request limits (see app.py); it raises `ServingError`s.
 Model names: the base's name (`base_name`, default the base alias or folder name) is the bare
 base, usable for embedding, and for reranking only when the base is a cross-encoder with a
 trained one-logit head (`models.has_trained_head`): a bi-encoder base loaded as a cross-encoder
-would rank with a freshly initialized head, so it is refused (400 `no_reranker_head`) and not
-listed as a reranker; its reranker adapters bring their trained head. Every other name is an adapter spec resolved by the
+has an untrained head (zero, under the cosine prior: it would only repeat the embedder's cosine),
+so it is refused (400 `no_reranker_head`) and not listed as a reranker; its reranker adapters
+bring their trained head. Every other name is an adapter spec resolved by the
 adapter source (`name` = promoted now, `name@N` = pinned). The version is resolved once, when
 the request starts; the lease keeps that version loaded until its rows are done, so a request
 in flight during a promotion finishes on the version it started with.
@@ -167,7 +168,7 @@ class RetrievalService:
             if task == "reranker" and not self.base_reranks():
                 raise InvalidRequest(
                     f"model {model!r} has no trained scoring head: it is a bi-encoder, and as a cross-encoder it "
-                    f"would rank with a freshly initialized head; rerank with a reranker adapter trained on it "
+                    f"has an untrained head (it would only repeat the embedder's cosine); rerank with a reranker adapter trained on it "
                     f"(python -m retrieval_lora.train --task reranker) or serve a cross-encoder base (--base)",
                     code="no_reranker_head")
             slot = self.pool.base_slot(task, self.base)

@@ -55,9 +55,9 @@ class TrainConfig:
     attention_dropout: float = field(0.0, "dropout on the frozen base's attention probabilities while training; 0 lets PyTorch's fused attention kernel run (measured: 9.1 GB instead of 13 GB and 20% less time for a batch of 32 x 256 tokens); -1 keeps the base's own")
     epochs: float = field(1.0, "passes over the training rows")
     min_steps: int | None = field(None, "step budget: the labelled stage takes at least this many optimizer steps "
-                                        "(more passes over a small dataset's rows); default: 200 for a reranker on a "
-                                        "base without a trained head (its new head needs them, measured), else 0; "
-                                        "0 = --epochs as given")
+                                        "(more passes over a small dataset's rows); default: 200 for a reranker that "
+                                        "starts from a new head without the cosine prior (a bi-encoder base whose "
+                                        "pooling the prior cannot repeat; measured), else 0; 0 = --epochs as given")
     warm_start: WarmStart = field("off", "reranker only: before the labelled stage, teach the scoring head and LoRA to "
                                           "reproduce the frozen first-stage embedder's own scores of each row's "
                                           "documents (MarginMSE on raw logits, no labels); 'auto': on for a base without "

@@ -29,8 +29,8 @@ from retrieval_lora.data import RetrievalDataset, dataset_fingerprint, load_pair
 from retrieval_lora.errors import TrainingError
 from retrieval_lora.manifest import write_json_atomic
 from retrieval_lora.models import (
-    AdapterMetadata, RetrievalModel, attach_lora, base_fingerprint, has_trained_head, load_adapter_weights, load_base,
-    save_adapter, trainable_parameters,
+    AdapterMetadata, RetrievalModel, attach_lora, base_fingerprint, cosine_prior, has_trained_head,
+    load_adapter_weights, load_base, save_adapter, trainable_parameters,
 )
 from retrieval_lora.training.config import (
     CHECKPOINT_FILES, DEV_METRIC, WARM_START_SCALE, TrainConfig, json_ready, weight_settings,
@@ -438,7 +438,10 @@ def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path,
         save_config(config, run_dir / "config.yaml")
     rows = _setup_rows(config, dataset) if rows is None else rows
     model = _setup_model(config)
-    warm, warm_file, headed = None, run_dir / "warm_start.json", config.task == "reranker" and has_trained_head(config.base)
+    # A reranker starts scoring sensibly from a trained head (a cross-encoder base) or from the cosine prior (a
+    # bi-encoder base, models.prior); only a new head without the prior needs the step budget or a warm start.
+    headed = config.task == "reranker" and (has_trained_head(config.base) or cosine_prior(model) is not None)
+    warm, warm_file = None, run_dir / "warm_start.json"
     if config.warm_starts(headed):
         if resume_from is None:
             warm = _warm_start(config, model, rows, teacher, run_dir)

@@ -1,0 +1,153 @@
+"""The cosine prior: a reranker made from a bi-encoder starts where its first stage already is.
+
+A cross-encoder loaded from a bi-encoder (the packaged all-MiniLM-L6-v2) has a new, untrained
+scoring head, and on a few hundred labelled rows it does not learn to rank before the data runs
+out (evals/results/reranker_default.md: 0.4769 nDCG@10 against the first stage's 0.5732 after 200
+steps). With the prior, its score of a (query, document) pair is
+
+    score = head(joint encoding of "query [SEP] document") + scale * cos(E(query), E(document))
+
+where E is the same transformer (its LoRA included) used as the bi-encoder it was trained as:
+each text encoded on its own and pooled as its sentence-transformers config says (mean tokens for
+MiniLM). The head starts at zero, so before any training the reranker ranks exactly as the
+frozen embedder does, and training (LambdaLoss on raw logits) moves from there: the LoRA adapts
+both views and the head learns what only the joint encoding sees. Cost: two more encoder passes
+(query, document) per pair.
+
+Installed by `load_base` on a reranker whose base has no trained head, and on a merged folder
+whose config records it (`PRIOR_KEY`); a base with its own head (a real cross-encoder) never
+gets it. The setting lives in the transformers config, so a merged export keeps it when loaded
+with `load_base`; a plain `CrossEncoder(...)` load of that export scores without it.
+
+    model = load_base("reranker")          # cosine_prior(model) == {"scale": 20.0, "pooling": "mean"}
+    model.predict([("what is LoRA", "LoRA adds low-rank updates ...")])
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PRIOR_KEY = "retrieval_lora_cosine_prior"
+DEFAULT_SCALE = 20.0
+"""Logit units per unit of cosine: 20, as MultipleNegativesRankingLoss scales cosines, so LambdaLoss's
+pairwise terms see score gaps of about 1-4 between a positive and its hard negatives."""
+POOLINGS = ("mean", "cls")
+
+
+def pooling_of(path: str | None) -> str | None:
+    """The pooling of the sentence-transformers model at `path` (a folder): "mean" or "cls", or None
+    when its Pooling module uses another mode. A folder without a sentence-transformers config is
+    mean-pooled, as sentence-transformers wraps a plain transformer (so is `path` None)."""
+    folder = Path(path) if path else None
+    modules = folder / "modules.json" if folder else None
+    if modules is None or not modules.is_file():
+        return "mean"
+    for module in json.loads(modules.read_text(encoding="utf-8")):
+        if module.get("type", "").endswith("Pooling"):
+            config = json.loads((folder / module.get("path", "") / "config.json").read_text(encoding="utf-8"))
+            mode = config.get("pooling_mode") or next(
+                (name for name in ("mean", "cls", "max", "lasttoken", "weightedmean")
+                 if config.get(f"pooling_mode_{name}_tokens" if name != "cls" else "pooling_mode_cls_token")), None)
+            return mode if mode in POOLINGS else None
+    return "mean"
+
+
+def cosine_prior(model: Any) -> dict[str, Any] | None:
+    """The prior's settings ({"scale", "pooling"}) of a CrossEncoder from `load_base`, None when it has none."""
+    inner = model[0].model
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PeftModel
+    return getattr(inner.config, PRIOR_KEY, None)
+
+
+def install_cosine_prior(model: Any, settings: dict[str, Any], *, zero_head: bool) -> None:
+    """Add the prior to `model` (a CrossEncoder whose transformer is not yet wrapped by peft), in place.
+
+    `zero_head`: set the new scoring head's weights to zero, so the first score is the prior alone.
+    The transformers model's `forward` is replaced on that instance: peft calls the wrapped
+    model's `forward` directly, and its mixed-adapter routing and our grouped LoRA hooks see the
+    extra passes as the same rows, so every adapter scores its own rows in all three passes.
+    """
+    inner = model[0].model
+    if settings.get("pooling") not in POOLINGS:
+        raise ValueError(f"cosine prior pooling {settings.get('pooling')!r}: must be one of {', '.join(POOLINGS)}")
+    setattr(inner.config, PRIOR_KEY, {"scale": float(settings["scale"]), "pooling": settings["pooling"]})
+    if zero_head:
+        for name in ("classifier", "score"):
+            head = getattr(inner, name, None)
+            if head is not None:
+                for parameter in head.parameters():
+                    torch.nn.init.zeros_(parameter)
+    tokenizer = model.tokenizer
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    inner.forward = types.MethodType(_forward_with_prior(type(inner).forward, tokenizer.sep_token_id, start, pad),
+                                     inner)
+
+
+def _forward_with_prior(forward, sep: int, cls: int, pad: int):
+    def forward_with_prior(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        if token_type_ids is not None:  # not every architecture takes them
+            kwargs["token_type_ids"] = token_type_ids
+        output = forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        settings = getattr(self.config, PRIOR_KEY)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        (q_ids, q_mask), (d_ids, d_mask) = split_pairs(input_ids, attention_mask, sep, cls, pad)
+        encoder = self.base_model
+        queries = _pool(encoder(input_ids=q_ids, attention_mask=q_mask).last_hidden_state, q_mask, settings["pooling"])
+        documents = _pool(encoder(input_ids=d_ids, attention_mask=d_mask).last_hidden_state, d_mask,
+                          settings["pooling"])
+        prior = settings["scale"] * torch.nn.functional.cosine_similarity(queries.float(), documents.float(), dim=-1)
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        shifted = logits + prior.unsqueeze(-1).to(logits.dtype)
+        if hasattr(output, "logits"):
+            output.logits = shifted
+            return output
+        return (shifted, *output[1:])
+
+    return forward_with_prior
+
+
+def split_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep: int, cls: int, pad: int = 0
+                ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """The query and document of each tokenized pair, as two right-padded batches encoded on their own.
+
+    A pair is `[CLS] query [SEP] document [SEP]` (BERT) or `<s> query </s></s> document </s>`
+    (RoBERTa, MPNet): the query is everything up to the first separator, the document what follows
+    it (after a doubled separator), with the start token put in front. Truncation already happened
+    on the pair, so each side is what the joint encoding saw.
+    """
+    queries, documents = [], []
+    for ids, mask in zip(input_ids, attention_mask):
+        ids = ids[mask.bool()]
+        seps = (ids == sep).nonzero().flatten()
+        if len(seps) == 0:
+            raise ValueError("a tokenized (query, document) pair holds no separator token; the cosine prior needs "
+                             "the tokenizer's pair template ([CLS] query [SEP] document [SEP])")
+        end = int(seps[0]) + 1
+        start = end + 1 if end < len(ids) and int(ids[end]) == sep else end
+        queries.append(ids[:end])
+        documents.append(torch.cat([ids.new_tensor([cls]), ids[start:]]))
+    return _padded(queries, pad), _padded(documents, pad)
+
+
+def _padded(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = rows[0].new_full((len(rows), width), pad)
+    mask = rows[0].new_zeros((len(rows), width))
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def _pool(states: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return states[:, 0]
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
