@@ -142,6 +142,9 @@ def main() -> None:
     parser.add_argument("--max-train-rows", type=int, default=0,
                         help="cap on mined training rows (seeded shuffle; 0 = all; NFCorpus: 1000 as in training_nfcorpus.md)")
     parser.add_argument("--peer-full", action="store_true", help="also train and score full fine-tuning (slow, ~9 GB)")
+    parser.add_argument("--no-frozen-reranker", action="store_true",
+                        help="reranker: skip the frozen base reranker rows (on a bi-encoder base it is the cosine "
+                             "prior alone, the first stage's own ranking: half the evaluation's pairs)")
     args = parser.parse_args()
     harness.torch_threads(args.threads)
     folder = harness.dataset_or_skip(args.dataset)
@@ -160,7 +163,7 @@ def main() -> None:
         adapter_dir, train_info = train_ours(config, dataset, data, work, args.max_train_rows)
         embedder = work / "embedder" / "adapter"
         evaluation = pipeline.EvaluationConfig(
-            guard_data=",".join(guard_folders) or None,
+            guard_data=",".join(guard_folders) or None, base_reranker=not args.no_frozen_reranker,
             first_stage_adapter=str(embedder) if args.task == "reranker" and embedder.is_dir() else None)
         started = time.time()
         comparison = pipeline.evaluate_candidate(pipeline.Candidate.trained(config, adapter_dir), dataset,

@@ -125,12 +125,13 @@ def probe(args) -> dict:
     from retrieval_lora.models import has_trained_head
 
     warm, headed = result.metadata.metrics.get("warm_start") or {}, has_trained_head(train.base)
+    prior = result.metadata.cosine_prior is not None
     return {
         "dataset": args.dataset, "kind": "probe", "name": args.name, "command": command_line(__file__),
         "settings": overrides, "resolved": {"loss": train.resolved_loss, "batch_size": train.resolved_batch_size,
                                              "negatives": train.resolved_negatives, "epochs": train.epochs,
-                                             "min_steps": train.resolved_min_steps(headed),
-                                             "warm_start": train.warm_starts(headed)},
+                                             "min_steps": train.resolved_min_steps(headed, prior),
+                                             "warm_start": train.warm_starts(headed or prior)},
         "rows": result.train_rows, "queries": len(comparison.adapter_run), "depth": args.depth,
         "scores": dict(comparison.baselines) | {"adapter": comparison.adapter},
         "baseline": comparison.baseline_name, "passed": decision.passed, "reasons": decision.reasons,

@@ -188,8 +188,9 @@ def specialize(data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig
         _encode_sharded(loaded, train, mining, encode_shards, runner, workdir, shard_gpus)
     source = dict(data=data, data_path=loaded["path"], data_fingerprint=loaded["fingerprint"])
 
+    pseudo = train.pseudo_settings()
     rows_key = step_key("rows", loaded["fingerprint"], train.train_split, miner, train.max_seq_length,
-                        _mining_settings(mining))
+                        _mining_settings(mining), *([repr(pseudo)] if pseudo else []))
     rows = steps.run("rows", tasks.training_rows, check="path", key=rows_key, **source, train=train, mining=mining,
                      out_dir=steps.folder("rows", rows_key))
     train_key = step_key("train", loaded["fingerprint"], rows["fingerprint"], _training_settings(train, loaded["splits"]))

@@ -353,9 +353,11 @@ def test_fill_with_a_shallow_ranking_still_drops_what_it_cannot_complete(embedde
     assert rows["dropped"]["too_few_negatives"] == 5 - rows["filled"]
 
 
-def test_fill_runs_the_cross_encoder_guard_on_fill_candidates(embedder, base_path: str, multi_positive: Path) -> None:
-    torch.manual_seed(0)  # the untrained head's scores are arbitrary, but the same each run
-    cross_encoder = load_base("reranker", base_path, max_seq_length=32, device="cpu")
+def test_fill_runs_the_cross_encoder_guard_on_fill_candidates(embedder, cross_encoder_base: str,
+                                                             multi_positive: Path) -> None:
+    # A cross-encoder whose seeded random head scores arbitrarily, but the same each run (the base's own
+    # reranker, under the cosine prior, would agree with the embedder and remove nothing).
+    cross_encoder = load_base("reranker", cross_encoder_base, max_seq_length=32, device="cpu")
     settings = dict(negatives=3, rank_start=1, rank_end=4, margin=1.0, short_rows="fill", fill_depth=20)
     stats = mine_hard_negatives(embedder, load_beir(multi_positive), "train", config(**settings),
                                 cross_encoder=cross_encoder).stats

@@ -206,6 +206,8 @@ def test_step_budget_raises_the_steps_of_a_small_dataset_only() -> None:
     assert _stage_steps(TrainConfig(task="reranker", min_steps=0), rows=16, base_has_head=False) == -1
     default = TrainConfig(task="reranker")  # 200 steps for a new head, --epochs for a cross-encoder's own
     assert (default.resolved_min_steps(base_has_head=False), default.resolved_min_steps(base_has_head=True)) == (200, 0)
+    assert default.resolved_min_steps(base_has_head=False, prior=True) == 50  # the cosine prior starts it sanely
+    assert _stage_steps(default, rows=417, base_has_head=False, prior=True) == -1  # the demo: its 53-step epoch
     assert _stage_steps(default, rows=417, base_has_head=False) == 200  # the demo's 417 rows: 53 steps an epoch
     assert TrainConfig(task="embedder").resolved_min_steps(base_has_head=False) == 0  # its measured epoch stays
     with pytest.raises(ConfigError, match="min_steps=-1"):
@@ -270,7 +272,7 @@ def test_a_cross_encoder_base_trains_without_warm_start_from_its_own_head(cross_
     result = train_adapter(config, load_beir(tiny_beir), tmp_path / "run")
     assert result.metadata.metrics["warm_start"] is None  # 'auto' keeps a trained head as it is
     assert isinstance(result.model.activation_fn, torch.nn.Sigmoid)
-    bare = train_adapter(_config(tiny_beir, tmp_path, task="reranker", epochs=1, dev_split="", warm_start="auto",
+    bare = train_adapter(_config(tiny_beir, tmp_path, task="reranker", epochs=1, dev_split="", warm_start="on",
                                  min_steps=3, loss="bce"), load_beir(tiny_beir), tmp_path / "bare")
     assert bare.metadata.metrics["steps"] == 3 and result.metadata.metrics["steps"] == 2  # budget / 1 epoch of 8 rows
     warm = bare.metadata.metrics["warm_start"]

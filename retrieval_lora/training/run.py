@@ -36,6 +36,7 @@ from retrieval_lora.training.config import (
     CHECKPOINT_FILES, DEV_METRIC, WARM_START_SCALE, TrainConfig, json_ready, weight_settings,
 )
 from retrieval_lora.training.distributed import WholeGlobalBatches, per_device_batch, process_device, uses_cuda, world
+from retrieval_lora.training.teacher import margin_similarity
 
 @dataclass
 class TrainResult:
@@ -243,6 +244,8 @@ def _setup_loss(config: TrainConfig, model: RetrievalModel) -> torch.nn.Module:
     if name == "cached-mnrl":
         return embedder_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size,
                                                                   gather_across_devices=gather)
+    if name == "margin-mse":
+        return embedder_losses.MarginMSELoss(model, similarity_fct=margin_similarity)
     if name == "cached-listwise":
         return reranker_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size)
     if name == "listwise":
@@ -330,11 +333,11 @@ def warm_start_loss(model: RetrievalModel) -> torch.nn.Module:
     return reranker_losses.MarginMSELoss(model, activation_fn=torch.nn.Identity())
 
 
-def _stage_steps(config: TrainConfig, rows: int, base_has_head: bool) -> int:
+def _stage_steps(config: TrainConfig, rows: int, base_has_head: bool, prior: bool = False) -> int:
     """Optimizer steps of the labelled stage: `epochs` passes over `rows`, at least the step budget
     `resolved_min_steps` (-1: as many as the epochs give, the Trainer's own count)."""
     per_epoch = max(1, -(-rows // config.resolved_batch_size))
-    wanted = config.resolved_min_steps(base_has_head)
+    wanted = config.resolved_min_steps(base_has_head, prior)
     return wanted if wanted > per_epoch * config.epochs else -1
 
 
@@ -397,10 +400,10 @@ def _common_args(config: TrainConfig, output_dir: Path, epochs: float) -> dict[s
 
 
 def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, evaluator, workdir: Path,
-                   base_has_head: bool):
+                   base_has_head: bool, prior: bool = False):
     common = _common_args(config, workdir / "checkpoints", config.epochs)
     common.update(save_strategy="steps", save_steps=config.checkpoint_steps,
-                  max_steps=_stage_steps(config, len(rows), base_has_head))
+                  max_steps=_stage_steps(config, len(rows), base_has_head, prior))
     if evaluator is not None:
         common.update(eval_strategy="steps", eval_steps=config.checkpoint_steps, load_best_model_at_end=True,
                       metric_for_best_model=DEV_METRIC[config.task], greater_is_better=True)
@@ -440,9 +443,10 @@ def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path,
     model = _setup_model(config)
     # A reranker starts scoring sensibly from a trained head (a cross-encoder base) or from the cosine prior (a
     # bi-encoder base, models.prior); only a new head without the prior needs the step budget or a warm start.
-    headed = config.task == "reranker" and (has_trained_head(config.base) or cosine_prior(model) is not None)
+    headed = config.task == "reranker" and has_trained_head(config.base)
+    prior = config.task == "reranker" and cosine_prior(model) is not None
     warm, warm_file = None, run_dir / "warm_start.json"
-    if config.warm_starts(headed):
+    if config.warm_starts(headed or prior):
         if resume_from is None:
             warm = _warm_start(config, model, rows, teacher, run_dir)
             if here.is_main:
@@ -451,7 +455,7 @@ def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path,
             warm = json.loads(warm_file.read_text(encoding="utf-8"))
     rows = rows.shuffle(seed=config.seed)
     evaluator = _setup_dev_evaluator(config, dataset)
-    trainer = _setup_trainer(config, model, rows, evaluator, run_dir, headed)
+    trainer = _setup_trainer(config, model, rows, evaluator, run_dir, headed, prior)
     for callback in callbacks or []:
         trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

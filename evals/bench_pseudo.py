@@ -1,0 +1,115 @@
+"""Benchmark: specializing an embedder with no training labels (pseudo-queries from the corpus).
+
+For one BEIR dataset at ../shared/datasets/<name>, through the pipeline's own verbs
+(`build_rows` -> `train` -> `evaluate_candidate` -> `decide`), one row per method:
+  crop   a seeded span of 5-16 words of each document is its query;
+  title  the document's title is its query;
+each on a seeded sample of documents as large as the supervised adapter's row budget (the
+mined rows of evals/results/baselines_<dataset>.json), hard negatives mined by the frozen base as
+usual, TrainConfig defaults otherwise (cached MNRL, rank 8, one epoch, no dev split: no label is
+read). With --teacher (one of our reranker adapter folders) each method also gets a row trained
+with MarginMSE on that teacher's raw-logit margins. Evaluated on the test split against the frozen
+base (BM25 rows off: they do not enter the default gate), default gate. The supervised adapter's
+and BM25's figures come from baselines_<dataset>.json (same base, same test queries).
+
+    python evals/bench_pseudo.py --dataset scifact --threads 2
+    python evals/bench_pseudo.py --dataset nfcorpus --threads 2
+    python evals/bench_pseudo.py --dataset scifact --methods crop --teacher runs/bench_baselines/scifact/reranker/adapter
+
+Results: evals/results/pseudo_queries.md and .json (rows keyed by dataset, method and teacher).
+Quality figures do not depend on machine load; the seconds do.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import harness
+
+RESULT = harness.RESULTS / "pseudo_queries"
+METRIC = "ndcg@10"
+
+
+def supervised(dataset: str) -> dict:
+    """The supervised adapter's row budget and test figures from the committed baselines page."""
+    report = harness.read_results(harness.RESULTS / f"baselines_{dataset}")
+    systems = {row["role"]: row["metrics"][METRIC] for row in report["summary"]["systems"]
+               if row["role"] in ("bm25", "base", "adapter")}
+    return {"rows": report["train"]["train_rows"], **systems}
+
+
+def run_method(args, method: str, teacher: str | None, budget: int) -> dict:
+    from retrieval_lora import pipeline
+    from retrieval_lora.gate import GatePolicy
+    from retrieval_lora.training import TrainConfig
+
+    data = pipeline.DataConfig(path=str(harness.dataset_or_skip(args.dataset)))
+    dataset = pipeline.load_data(data)
+    config = TrainConfig(task="embedder", pseudo_queries=method, pseudo_documents=budget, teacher=teacher)
+    name = method + ("-teacher" if teacher else "")
+    work = Path(args.work) / args.dataset / name
+    started = time.time()
+    rows = pipeline.build_rows(config, data, dataset, work / "mining")
+    result = pipeline.train(config, dataset, rows, work)
+    train_seconds = round(time.time() - started, 1)
+    evaluation = pipeline.EvaluationConfig(bm25=False)
+    comparison = pipeline.evaluate_candidate(pipeline.Candidate.trained(config, result.adapter_dir), dataset,
+                                             evaluation, data, METRIC, show_progress=False)
+    decision = pipeline.decide(comparison, GatePolicy())
+    primary = comparison.paired.metrics[METRIC]
+    trend = result.trend
+    return {"dataset": args.dataset, "method": method, "teacher": teacher or "", "documents": budget,
+            "rows": pipeline.describe_rows(rows, config.resolved_negatives), "train_rows": result.train_rows,
+            "loss": config.resolved_loss, "loss_fell": bool(trend and trend.fell),
+            "base": primary.baseline, "adapter": primary.candidate, "delta": primary.delta, "p_value": primary.p_value,
+            "queries": comparison.paired.num_queries, "passed": decision.passed, "reasons": list(decision.reasons),
+            "train_seconds": train_seconds, "threads": args.threads, "command": harness.command_line(__file__)}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["# Specializing without labels: pseudo-queries from the corpus", "",
+             "Written by `evals/bench_pseudo.py` (commands below). Base: the packaged all-MiniLM-L6-v2. Each row "
+             "trains our default LoRA embedder on pseudo-queries made from a seeded sample of documents as large as "
+             "the supervised adapter's row budget, hard negatives mined by the frozen base, no label read; "
+             "evaluated on the test split with the default gate (paired t-test against the frozen base). "
+             "Supervised adapter and BM25: the same test queries, from baselines_<dataset>.md.", ""]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        ref = supervised(dataset)
+        lines += [f"## {dataset}", "",
+                  f"Frozen base {ref['base']:.4f}; supervised LoRA adapter ({ref['rows']} labelled rows) "
+                  f"{ref['adapter']:.4f}; BM25 {ref['bm25']:.4f} (nDCG@10).", "",
+                  "| method | teacher | loss | rows | base nDCG@10 | adapter nDCG@10 | delta | p | gate | train s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in [r for r in rows if r["dataset"] == dataset]:
+            lines.append(f"| {r['method']} | {Path(r['teacher']).parent.name if r['teacher'] else '-'} | {r['loss']} | "
+                         f"{r['train_rows']} | {r['base']:.4f} | {r['adapter']:.4f} | {r['delta']:+.4f} | "
+                         f"{r['p_value']:.4f} | {'passed' if r['passed'] else 'refused'} | {r['train_seconds']:.0f} |")
+        lines.append("")
+    lines += ["## Commands", "", *[f"- {r['dataset']} {r['method']}{' + teacher' if r['teacher'] else ''}: "
+                                   f"`{r['command']}`" for r in rows], ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = harness.arguments(__doc__, threads=1, work="runs/bench_pseudo")
+    parser.add_argument("--methods", default="crop,title", help="comma-separated pseudo-query methods")
+    parser.add_argument("--documents", type=int, default=0,
+                        help="documents given pseudo-queries (0: the supervised adapter's row budget)")
+    parser.add_argument("--teacher", default=None, help="a reranker adapter folder: rows trained on its margins")
+    args = parser.parse_args()
+    harness.torch_threads(args.threads)
+    harness.dataset_or_skip(args.dataset)
+    budget = args.documents or supervised(args.dataset)["rows"]
+    report = harness.read_results(RESULT) or {"rows": []}
+    for method in [m for m in args.methods.split(",") if m]:
+        row = run_method(args, method, args.teacher, budget)
+        report["rows"] = harness.replace_row(report["rows"], row, ("dataset", "method", "teacher"),
+                                             order=lambda r: (r["dataset"], r["teacher"], r["method"]))
+        harness.write_results(RESULT, report, markdown(report["rows"]))
+        print(f"{args.dataset} {method}: {row['base']:.4f} -> {row['adapter']:.4f} ({row['delta']:+.4f}, "
+              f"p {row['p_value']:.4f}), gate {'passed' if row['passed'] else 'refused'}")
+
+
+if __name__ == "__main__":
+    main()
