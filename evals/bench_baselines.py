@@ -16,6 +16,11 @@ and scores it against the frozen base on the dataset and on each guard (the forg
     python evals/bench_baselines.py --dataset scifact --guard nfcorpus
     python evals/bench_baselines.py --dataset nfcorpus --guard scifact --max-train-rows 1000
     python evals/bench_baselines.py --dataset scifact --guard nfcorpus --peer-full
+    python evals/bench_baselines.py --dataset scifact --task reranker --no-frozen-reranker --fusion convex --rerank-top-k 10
+
+--task reranker trains our default LoRA reranker instead and reranks every first stage (frozen base, the
+embedder adapter of step 1 in <work>/<dataset>/embedder, BM25 and the hybrids); results go to
+baselines_<dataset>_reranker.{md,json}.
 
 Results: evals/results/baselines_<dataset>.md and .json. Quality figures do not depend on machine
 load; the seconds do (shared 2-core machine, 1 torch thread).
@@ -145,6 +150,12 @@ def main() -> None:
     parser.add_argument("--no-frozen-reranker", action="store_true",
                         help="reranker: skip the frozen base reranker rows (on a bi-encoder base it is the cosine "
                              "prior alone, the first stage's own ranking: half the evaluation's pairs)")
+    parser.add_argument("--dev-split", default=None,
+                        help="the adapter's dev split (default: TrainConfig's, 'dev' when there is one; '' to skip: "
+                             "a reranker's dev evaluation on NFCorpus took about 20 minutes per checkpoint here)")
+    parser.add_argument("--rerank-top-k", type=int, default=None,
+                        help="reranker: documents reranked per first stage (default: EvaluationConfig's, 20)")
+    parser.add_argument("--fusion", default=None, help="hybrid methods (default: EvaluationConfig's, convex,rrf)")
     args = parser.parse_args()
     harness.torch_threads(args.threads)
     folder = harness.dataset_or_skip(args.dataset)
@@ -156,7 +167,7 @@ def main() -> None:
     data = pipeline.DataConfig(path=str(folder))
     dataset = pipeline.load_data(data)
     work = Path(args.work) / args.dataset
-    config = TrainConfig(task=args.task)
+    config = TrainConfig(task=args.task, dev_split=args.dev_split)
     results = harness.RESULTS / (f"baselines_{args.dataset}" + ("_reranker" if args.task == "reranker" else ""))
     report = harness.read_results(results) if args.reuse else {}
     if not report.get("summary"):
@@ -164,6 +175,8 @@ def main() -> None:
         embedder = work / "embedder" / "adapter"
         evaluation = pipeline.EvaluationConfig(
             guard_data=",".join(guard_folders) or None, base_reranker=not args.no_frozen_reranker,
+            **{key: value for key, value in (("rerank_top_k", args.rerank_top_k), ("fusion", args.fusion))
+               if value is not None},
             first_stage_adapter=str(embedder) if args.task == "reranker" and embedder.is_dir() else None)
         started = time.time()
         comparison = pipeline.evaluate_candidate(pipeline.Candidate.trained(config, adapter_dir), dataset,
