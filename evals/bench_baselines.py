@@ -132,7 +132,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {name} (in domain) | full fine-tuning | {full['base']:.4f} | {full['full']:.4f} | "
                          f"{full['delta']:+.4f} | {full['p_value']:.4f} |")
     for label, decision in report["gates"].items():
-        lines += ["", f"Gate ({label}): **{'PASSED' if decision['passed'] else 'FAILED'}**"]
+        verdict = {True: "PASSED", False: "FAILED", None: "NOT APPLICABLE"}[decision["passed"]]
+        lines += ["", f"Gate ({label}): **{verdict}**"]
         lines += [f"- {reason}" for reason in decision["reasons"]]
     return "\n".join(lines) + "\n"
 
@@ -161,6 +162,7 @@ def main() -> None:
     folder = harness.dataset_or_skip(args.dataset)
     guard_folders = [str(harness.dataset_or_skip(g)) for g in args.guard.split(",") if g]
     from retrieval_lora import pipeline
+    from retrieval_lora.errors import ConfigError
     from retrieval_lora.gate import GatePolicy
     from retrieval_lora.training import TrainConfig
 
@@ -182,9 +184,13 @@ def main() -> None:
         comparison = pipeline.evaluate_candidate(pipeline.Candidate.trained(config, adapter_dir), dataset,
                                                  evaluation, data, METRIC, show_progress=False)
         seconds = round(time.time() - started, 1)
-        gates = {label: pipeline.decide(comparison, GatePolicy(must_beat=must)).to_dict()
-                 for label, must in (("default: must beat the frozen base", "base"),
-                                     ("must_beat=base,bm25,hybrid", "base,bm25,hybrid"))}
+        gates = {}
+        for label, must in (("default: must beat the frozen base", "base"),
+                            ("must_beat=base,bm25,hybrid", "base,bm25,hybrid")):
+            try:
+                gates[label] = pipeline.decide(comparison, GatePolicy(must_beat=must)).to_dict()
+            except ConfigError as exc:  # e.g. a reranker's comparison has no first-stage hybrid baseline to beat
+                gates[label] = {"passed": None, "reasons": [f"not applicable: {exc}"]}
         report = {"dataset": args.dataset, "task": args.task, "command": harness.command_line(__file__),
                   "num_queries": comparison.paired.num_queries, "train": train_info, "evaluation_seconds": seconds,
                   "rerank_top_k": evaluation.rerank_top_k, "summary": pipeline.comparison_summary(comparison),
