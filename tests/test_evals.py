@@ -179,6 +179,8 @@ TABLES = {  # committed table -> how today's script writes it from the committed
     "task_runners.md": lambda n: importlib.import_module("bench_task_runners")._markdown(_load("task_runners.json")),
     "baselines_scifact.md": lambda n: importlib.import_module("bench_baselines").markdown(_load("baselines_scifact.json")),
     "baselines_nfcorpus.md": lambda n: importlib.import_module("bench_baselines").markdown(_load("baselines_nfcorpus.json")),
+    "baselines_scifact_reranker.md": lambda n: importlib.import_module("bench_baselines").markdown(
+        _load("baselines_scifact_reranker.json")),
     "baselines_nfcorpus_reranker.md": lambda n: importlib.import_module("bench_baselines").markdown(
         _load("baselines_nfcorpus_reranker.json")),
     "reranker_default.md": lambda n: importlib.import_module("bench_reranker_default")._markdown(
