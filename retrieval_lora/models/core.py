@@ -101,7 +101,8 @@ def load_base(task: str, base: str = DEFAULT_BASE, *, qlora: bool = False, max_s
         if task == "embedder":
             model = SentenceTransformer(path, **kwargs)
         else:
-            with _quiet_about_a_new_head(path):
+            head = has_trained_head(path) if Path(path).is_dir() else None  # a hub id's is read after loading
+            with _quiet_about_a_new_head(quiet=head is False):
                 model = CrossEncoder(path, num_labels=1, **kwargs)
     except (OSError, ValueError) as exc:
         raise AdapterError(f"cannot load base model {base!r} ({exc}); give a local model folder, a hub id "
@@ -109,7 +110,7 @@ def load_base(task: str, base: str = DEFAULT_BASE, *, qlora: bool = False, max_s
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
     if task == "reranker":
-        _setup_cosine_prior(model, base, path)
+        _setup_cosine_prior(model, base, path, head)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if qlora:
@@ -118,12 +119,12 @@ def load_base(task: str, base: str = DEFAULT_BASE, *, qlora: bool = False, max_s
 
 
 @contextmanager
-def _quiet_about_a_new_head(path: str) -> Iterator[None]:
-    """Silence transformers' load report (a table of MISSING classifier weights) when `path` is a local
-    bi-encoder loaded as a reranker: its new head is expected, and ours to initialize."""
+def _quiet_about_a_new_head(quiet: bool) -> Iterator[None]:
+    """Silence transformers' load report (a table of MISSING classifier weights) when `quiet`: a local
+    bi-encoder loaded as a reranker, whose new head is expected, and ours to initialize."""
     from transformers.utils import logging as hf_logging
 
-    if not Path(path).is_dir() or has_trained_head(path):
+    if not quiet:
         yield
         return
     level = hf_logging.get_verbosity()
@@ -134,14 +135,15 @@ def _quiet_about_a_new_head(path: str) -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _setup_cosine_prior(model: CrossEncoder, base: str, path: str) -> None:
+def _setup_cosine_prior(model: CrossEncoder, base: str, path: str, head: bool | None) -> None:
     """Give a reranker the cosine prior (`retrieval_lora.models.prior`) when its config records one (a
-    merged export) or its base has no trained head (a bi-encoder whose pooling the prior can repeat)."""
+    merged export) or its base has no trained head (a bi-encoder whose pooling the prior can repeat).
+    `head`: `has_trained_head` of the base when already read (None: read it here)."""
     recorded = getattr(model[0].model.config, PRIOR_KEY, None)
     if recorded:
         install_cosine_prior(model, recorded, zero_head=False)
         return
-    if has_trained_head(base):
+    if head if head is not None else has_trained_head(base):
         return
     pooling = pooling_of(_local_folder(path))
     if pooling is not None:
