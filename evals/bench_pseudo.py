@@ -58,7 +58,7 @@ def run_method(args, method: str, teacher: str | None, budget: int) -> dict:
                                              evaluation, data, METRIC, show_progress=False)
     decision = pipeline.decide(comparison, GatePolicy())
     primary = comparison.paired.metrics[METRIC]
-    trend = result.trend
+    trend = result.loss_trend
     return {"dataset": args.dataset, "method": method, "teacher": teacher or "", "documents": budget,
             "rows": pipeline.describe_rows(rows, config.resolved_negatives), "train_rows": result.train_rows,
             "loss": config.resolved_loss, "loss_fell": bool(trend and trend.fell),

@@ -185,6 +185,7 @@ TABLES = {  # committed table -> how today's script writes it from the committed
         _load("baselines_nfcorpus_reranker.json")),
     "reranker_default.md": lambda n: importlib.import_module("bench_reranker_default")._markdown(
         _load("reranker_default.json")["rows"]),
+    "pseudo_queries.md": lambda n: importlib.import_module("bench_pseudo").markdown(_load("pseudo_queries.json")["rows"]),
 }
 HAND_WRITTEN = {"mining_scifact.md": "Note: ours-cold was measured by a first invocation"}  # added after the run
 
