@@ -76,6 +76,44 @@ def test_saved_adapter_reloads_with_identical_outputs(task: str, base_path: str,
     np.testing.assert_array_equal(_outputs(task, reloaded), expected)
 
 
+def test_cached_views_score_as_the_plain_forward_with_fewer_encoder_rows(base_path: str) -> None:
+    """An evaluation's reranking under `cached_views`: the same scores, each query and document view encoded
+    once, and the frozen base reranker (a zero head) without its joint pass; the trained adapter keeps it."""
+    from retrieval_lora.models.prior import cached_views
+
+    queries, documents = ["reverse a list", "open a file", "sort a dict"], [d for _, d in PAIRS] + [TEXTS[0], TEXTS[2]]
+    pairs = [(q, d) for q in queries for d in documents] * 2  # 12 distinct pairs, each twice
+    model = _adapted("reranker", base_path)
+    peft_model = transformer_of(model)
+    rows: list[int] = []
+    hook = peft_model.get_base_model().base_model.register_forward_hook(
+        lambda module, args, out: rows.append(len(out.last_hidden_state)))
+
+    def scores(cached: bool) -> tuple[np.ndarray, int]:
+        rows.clear()
+        if cached:
+            with cached_views(model):
+                out = model.predict(pairs, batch_size=8, activation_fn=torch.nn.Identity())
+        else:
+            out = model.predict(pairs, batch_size=8, activation_fn=torch.nn.Identity())
+        return np.asarray(out), sum(rows)
+
+    try:
+        for state in ("frozen base reranker", "adapter"):
+            if state == "frozen base reranker":
+                with peft_model.disable_adapter():
+                    (plain, plain_rows), (cached, cached_rows) = scores(False), scores(True)
+                assert cached_rows == len(queries) + len(documents)  # no joint pass: its head is zero
+            else:
+                (plain, plain_rows), (cached, cached_rows) = scores(False), scores(True)
+                assert cached_rows == len(pairs) + len(queries) + len(documents)  # joint pass kept: a trained head
+            assert plain_rows == 3 * len(pairs)
+            np.testing.assert_allclose(cached, plain, atol=1e-4, err_msg=state)
+        assert not hasattr(peft_model.get_base_model(), "_retrieval_lora_prior_views")  # nothing left after the block
+    finally:
+        hook.remove()
+
+
 def test_reranker_head_is_trained_and_saved(base_path: str, tmp_path: Path) -> None:
     model = _adapted("reranker", base_path)
     trainable = [name for name, p in transformer_of(model).named_parameters() if p.requires_grad]

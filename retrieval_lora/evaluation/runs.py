@@ -14,6 +14,7 @@ from retrieval_lora.data.beir import RetrievalDataset
 from retrieval_lora.embedding_cache import EmbeddingCache, encode_corpus_cached
 from retrieval_lora.encoding import encode_corpus, encode_texts
 from retrieval_lora.errors import EvaluationError
+from retrieval_lora.models.prior import cached_views
 
 Run = dict[str, dict[str, float]]
 
@@ -120,8 +121,9 @@ def rerank_many(model: CrossEncoder, dataset: RetrievalDataset, first_stages: di
     pairs = [(dataset.queries[query_id], dataset.corpus[doc_id].full_text) for query_id, doc_id in keys]
     if show_progress:
         print(f"Reranking {len(pairs)} (query, document) pairs", flush=True)
-    scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=show_progress, convert_to_numpy=True) \
-        if pairs else []
+    with cached_views(model):  # a cosine-prior reranker encodes each query and document view once
+        scores = model.predict(pairs, batch_size=batch_size, show_progress_bar=show_progress, convert_to_numpy=True) \
+            if pairs else []
     scored = {key: float(score) for key, score in zip(keys, np.asarray(scores).reshape(-1))}
     return {name: _reranked(run, scored, k) for name, run in first_stages.items()}
 

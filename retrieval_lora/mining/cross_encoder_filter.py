@@ -11,6 +11,7 @@ import numpy as np
 from sentence_transformers import CrossEncoder
 
 from retrieval_lora.mining.selection import margin_threshold
+from retrieval_lora.models.prior import cached_views
 
 
 def cross_encoder_drops(model: CrossEncoder, query_texts: list[str], doc_texts: list[str], window: np.ndarray,
@@ -26,8 +27,9 @@ def cross_encoder_drops(model: CrossEncoder, query_texts: list[str], doc_texts: 
     query_at, slot_at = np.nonzero(needed)
     pairs = [(query_texts[q], doc_texts[window[q, s]]) for q, s in zip(query_at, slot_at)]
     pairs += [(query_texts[q], doc_texts[p]) for q, p in zip(row_query, row_positive)]
-    scores = np.asarray(model.predict(pairs, batch_size=batch_size, show_progress_bar=show_progress,
-                                      convert_to_numpy=True), dtype=np.float32).reshape(-1)
+    with cached_views(model):  # a cosine-prior reranker encodes each query and document view once
+        scores = np.asarray(model.predict(pairs, batch_size=batch_size, show_progress_bar=show_progress,
+                                          convert_to_numpy=True), dtype=np.float32).reshape(-1)
     candidate_scores = np.full(window.shape, -np.inf, dtype=np.float32)
     candidate_scores[query_at, slot_at] = scores[: len(query_at)]
     positive_scores = scores[len(query_at):]

@@ -50,6 +50,6 @@ __getattr__ = lazy_exports(__name__, {name: ".core" for name in (
     "merge_adapter",
     "merged_for_inference",
     "save_merged",
-)} | {name: ".prior" for name in ("cosine_prior", "install_cosine_prior", "PRIOR_KEY")})
+)} | {name: ".prior" for name in ("cosine_prior", "cached_views", "install_cosine_prior", "PRIOR_KEY")})
 
 __all__ = ["DEFAULT_BASE", "DEFAULT_MAX_SEQ_LENGTH", "TASKS", "LoraSettings", "Task", "check_task", "resolve_base"]  # and the lazily loaded names above

@@ -12,7 +12,9 @@ each text encoded on its own and pooled as its sentence-transformers config says
 MiniLM). The head starts at zero, so before any training the reranker ranks exactly as the
 frozen embedder does, and training (LambdaLoss on raw logits) moves from there: the LoRA adapts
 both views and the head learns what only the joint encoding sees. Cost: two more encoder passes
-(query, document) per pair.
+(query, document) per pair. Scoring many pairs of one model state (an evaluation's reranking) can
+drop most of that cost with `cached_views`: each distinct query or document view is encoded once,
+and a head that is all zeros (the frozen base reranker) skips the joint pass it adds nothing to.
 
 Installed by `load_base` on a reranker whose base has no trained head, and on a merged folder
 whose config records it (`PRIOR_KEY`); a base with its own head (a real cross-encoder) never
@@ -27,16 +29,21 @@ from __future__ import annotations
 
 import json
 import types
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 PRIOR_KEY = "retrieval_lora_cosine_prior"
 DEFAULT_SCALE = 20.0
 """Logit units per unit of cosine: 20, as MultipleNegativesRankingLoss scales cosines, so LambdaLoss's
 pairwise terms see score gaps of about 1-4 between a positive and its hard negatives."""
 POOLINGS = ("mean", "cls")
+VIEWS_ATTR = "_retrieval_lora_prior_views"
+MAX_CACHED_VIEWS = 200_000
+"""Pooled views kept by `cached_views` before it starts again (about 300 MB of 384-d float32 vectors)."""
 
 
 def pooling_of(path: str | None) -> str | None:
@@ -59,9 +66,34 @@ def pooling_of(path: str | None) -> str | None:
 
 def cosine_prior(model: Any) -> dict[str, Any] | None:
     """The prior's settings ({"scale", "pooling"}) of a CrossEncoder from `load_base`, None when it has none."""
+    return getattr(_transformers_model(model).config, PRIOR_KEY, None)
+
+
+@contextmanager
+def cached_views(model: Any) -> Iterator[None]:
+    """Within the block, scoring without gradients reuses each distinct query and document view.
+
+    For scoring many pairs of one model state, as an evaluation's reranking does (the same
+    queries against many documents, the same documents under several first stages): the pooled
+    single-text views are kept by their token ids, so each is encoded once, and while the active
+    scoring head is all zeros (the frozen base reranker of a base without a head) the joint pass
+    is skipped, its logits being zero. Scores are those of the plain forward, to float rounding.
+    Do not switch or train adapters inside the block. A model without the prior is left as it is.
+    """
+    inner = _transformers_model(model)
+    if getattr(inner.config, PRIOR_KEY, None) is None:
+        yield
+        return
+    setattr(inner, VIEWS_ATTR, {})
+    try:
+        yield
+    finally:
+        delattr(inner, VIEWS_ATTR)
+
+
+def _transformers_model(model: Any) -> Any:
     inner = model[0].model
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PeftModel
-    return getattr(inner.config, PRIOR_KEY, None)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PeftModel
 
 
 def install_cosine_prior(model: Any, settings: dict[str, Any], *, zero_head: bool) -> None:
@@ -93,15 +125,18 @@ def _forward_with_prior(forward, sep: int, cls: int, pad: int):
     def forward_with_prior(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
         if token_type_ids is not None:  # not every architecture takes them
             kwargs["token_type_ids"] = token_type_ids
-        output = forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        views = None if torch.is_grad_enabled() else getattr(self, VIEWS_ATTR, None)
+        if views is not None and _head_is_zero(self):  # its logits are zero: skip the joint pass
+            zeros = torch.zeros((len(input_ids), self.config.num_labels), dtype=self.dtype, device=input_ids.device)
+            output = (zeros,) if kwargs.get("return_dict") is False else SequenceClassifierOutput(logits=zeros)
+        else:
+            output = forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         settings = getattr(self.config, PRIOR_KEY)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         (q_ids, q_mask), (d_ids, d_mask) = split_pairs(input_ids, attention_mask, sep, cls, pad)
-        encoder = self.base_model
-        queries = _pool(encoder(input_ids=q_ids, attention_mask=q_mask).last_hidden_state, q_mask, settings["pooling"])
-        documents = _pool(encoder(input_ids=d_ids, attention_mask=d_mask).last_hidden_state, d_mask,
-                          settings["pooling"])
+        queries = _views(self.base_model, q_ids, q_mask, settings["pooling"], views, pad)
+        documents = _views(self.base_model, d_ids, d_mask, settings["pooling"], views, pad)
         prior = settings["scale"] * torch.nn.functional.cosine_similarity(queries.float(), documents.float(), dim=-1)
         logits = output.logits if hasattr(output, "logits") else output[0]
         shifted = logits + prior.unsqueeze(-1).to(logits.dtype)
@@ -111,6 +146,42 @@ def _forward_with_prior(forward, sep: int, cls: int, pad: int):
         return (shifted, *output[1:])
 
     return forward_with_prior
+
+
+def _views(encoder, ids: torch.Tensor, mask: torch.Tensor, pooling: str, cache: dict | None,
+           pad: int) -> torch.Tensor:
+    """Pooled single-text encodings of a padded batch; with `cache` (token ids -> vector), each distinct
+    text is encoded once."""
+    if cache is None:
+        return _pool(encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask, pooling)
+    keys = [tuple(row[row_mask.bool()].tolist()) for row, row_mask in zip(ids, mask)]
+    missing = list(dict.fromkeys(key for key in keys if key not in cache))
+    if missing:
+        if len(cache) + len(missing) > MAX_CACHED_VIEWS:
+            cache.clear()
+            missing = list(dict.fromkeys(keys))
+        new_ids, new_mask = _padded([ids.new_tensor(key) for key in missing], pad)
+        pooled = _pool(encoder(input_ids=new_ids, attention_mask=new_mask).last_hidden_state, new_mask, pooling)
+        cache.update(zip(missing, pooled))
+    return torch.stack([cache[key] for key in keys])
+
+
+def _head_is_zero(model: Any) -> bool:
+    """Whether the scoring head the model applies now (peft's trained copy, or the original when adapters
+    are off) has only zero weights, so that its logits are zero whatever the joint encoding."""
+    head = next((getattr(model, name) for name in ("classifier", "score") if hasattr(model, name)), None)
+    if head is None:
+        return False
+    if hasattr(head, "original_module"):  # peft's ModulesToSaveWrapper
+        active = [name for name in head.active_adapters if name in head.modules_to_save]
+        if head.disable_adapters or not active:
+            head = head.original_module
+        elif len(active) == 1:
+            head = head.modules_to_save[active[0]]
+        else:
+            return False
+    parameters = list(head.parameters())
+    return bool(parameters) and not any(bool(p.any()) for p in parameters)
 
 
 def split_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep: int, cls: int, pad: int = 0

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from sentence_transformers.util import pairwise_cos_sim
 
+from retrieval_lora.models.prior import cached_views
+
 MARGIN_SCALE = 20.0
 
 
@@ -48,8 +50,9 @@ def teacher_margins(teacher: Any, rows: Any, batch_size: int = 32,
         raise ValueError("teacher margins need negatives per row: mine them (--negatives >= 1)")
     columns = ["positive", *negatives]
     pairs = [(row["query"], row[column]) for row in rows for column in columns]
-    scores = teacher.predict(pairs, batch_size=batch_size, activation_fn=torch.nn.Identity(),
-                             convert_to_tensor=True, show_progress_bar=show_progress)
+    with cached_views(teacher):  # a cosine-prior teacher encodes each query and document view once
+        scores = teacher.predict(pairs, batch_size=batch_size, activation_fn=torch.nn.Identity(),
+                                 convert_to_tensor=True, show_progress_bar=show_progress)
     scores = scores.float().reshape(len(rows), len(columns))
     margins = (scores[:, :1] - scores[:, 1:]).tolist()
     return [row[0] for row in margins] if len(negatives) == 1 else margins
