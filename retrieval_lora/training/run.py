@@ -29,7 +29,7 @@ from retrieval_lora.data import RetrievalDataset, dataset_fingerprint, load_pair
 from retrieval_lora.errors import TrainingError
 from retrieval_lora.manifest import write_json_atomic
 from retrieval_lora.models import (
-    AdapterMetadata, RetrievalModel, attach_lora, base_fingerprint, cosine_prior, has_trained_head,
+    AdapterMetadata, RetrievalModel, attach_lora, base_fingerprint, cached_views, cosine_prior, has_trained_head,
     load_adapter_weights, load_base, save_adapter, trainable_parameters,
 )
 from retrieval_lora.training.config import (
@@ -360,7 +360,16 @@ def _setup_dev_evaluator(config: TrainConfig, dataset: RetrievalDataset):
     samples = [{"query": queries[q], "positive": [corpus[d] for d in relevant[q]],
                 "documents": [corpus[d] for d in random.Random(f"{config.seed}:{q}").sample(ids, min(20, len(ids)))]}
                for q in queries]
-    return CrossEncoderRerankingEvaluator(samples, at_k=10, name="dev", write_csv=False)
+    return _CachedViewsReranking(samples, at_k=10, name="dev", write_csv=False)
+
+
+class _CachedViewsReranking(CrossEncoderRerankingEvaluator):
+    """The reranking evaluator, scoring under `cached_views`: a cosine-prior reranker encodes each dev
+    query and document view once per evaluation (the same queries against 20+ documents each)."""
+
+    def __call__(self, model, *args, **kwargs):
+        with cached_views(model):
+            return super().__call__(model, *args, **kwargs)
 
 
 def resolved_precision(config: TrainConfig) -> str:
