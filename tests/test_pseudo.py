@@ -155,3 +155,38 @@ def test_an_embedder_trains_on_cropped_queries_with_teacher_margins(tiny_beir: P
     assert result.metadata.config["loss"] == "auto" and result.metadata.config["teacher"] == str(teacher)
     losses = [entry["loss"] for entry in result.history if "loss" in entry]
     assert losses and losses[-1] < losses[0]
+
+
+def test_hybrid_teacher_margins_are_the_fused_pipelines_gaps_in_the_miners_units(tiny_beir: Path, tmp_path: Path,
+                                                                                  base_path: str) -> None:
+    """--teacher hybrid: no model, no label; each row's margins are BM25 + base fusion gaps, rescaled."""
+    from datasets import load_from_disk
+
+    from retrieval_lora import pipeline
+    from retrieval_lora.evaluation.fusion import FusionChoice, fuse_runs
+    from retrieval_lora.evaluation.lexical import bm25_runs
+    from retrieval_lora.evaluation.runs import retrieve
+    from retrieval_lora.models import load_base
+    from retrieval_lora.training.teacher import MARGIN_SCALE
+
+    train = TrainConfig(pseudo_queries="crop", pseudo_documents=0, teacher="hybrid", max_seq_length=64)
+    assert train.resolved_loss == "margin-mse"
+    data = pipeline.DataConfig(path=str(tiny_beir), cache_dir=str(tmp_path / "cache"))
+    dataset = pipeline.load_data(data)
+    rows = pipeline.build_rows(train, data, dataset, tmp_path / "rows")
+    assert rows.rows.column_names == ["query", "positive", "negative_1", "label"]
+    scores = load_from_disk(str(rows.path.parent / "scores"))
+    info = json.loads((rows.path.parent / "manifest.json").read_text())["hybrid_teacher"]
+
+    pseudo = with_pseudo_split(dataset, pseudo_queries(dataset, train.pseudo_settings(), show_progress=False))
+    base = load_base("embedder", base_path, max_seq_length=64)
+    fused = fuse_runs([bm25_runs(pseudo, [PSEUDO_SPLIT], k=100)[PSEUDO_SPLIT],
+                       retrieve(base, pseudo, PSEUDO_SPLIT, k=100, show_progress=False)],
+                      FusionChoice("convex", (0.5, 0.5), None, "test"))
+    gaps = np.asarray([fused[r["query_id"]].get(r["positive_id"], 0.0)
+                       - fused[r["query_id"]].get(r["negative_ids"][0], 0.0) for r in scores])
+    labels = np.asarray(rows.rows["label"])
+    np.testing.assert_allclose(labels, info["scale"] * gaps, rtol=1e-3, atol=1e-4)
+    own = MARGIN_SCALE * (np.asarray(scores["positive_score"]) - np.asarray([s[0] for s in scores["negative_scores"]]))
+    assert labels.mean() == pytest.approx(own.mean(), rel=1e-3)  # the miner's units: same mean margin
+    assert not np.allclose(labels, own, atol=1e-2)  # but the hybrid's order of gaps, not the miner's

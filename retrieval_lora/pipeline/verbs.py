@@ -41,7 +41,7 @@ from retrieval_lora.report import ReportFiles, comparison_summary, metrics_block
 from retrieval_lora.report import write_report as write_report_blocks
 from retrieval_lora.training import TrainConfig, TrainResult, mining_config, train_adapter
 from retrieval_lora.training.distributed import once, world
-from retrieval_lora.training.teacher import load_teacher, teacher_margins
+from retrieval_lora.training.teacher import HYBRID_TEACHER, hybrid_margins, load_teacher, teacher_margins
 
 SELF_HIT_WARNING_SHARE = 0.05  # queries retrieving their own id above this share look like ArguAna-style data
 
@@ -110,7 +110,12 @@ def _build_rows(train: TrainConfig, data: DataConfig, dataset: RetrievalDataset,
     miner = load_base("embedder", miner_name, max_seq_length=train.max_seq_length, device=train.device)
     result = mine_hard_negatives(miner, dataset, split, settings)
     result.manifest.update(base=miner_name, max_seq_length=train.max_seq_length)
-    if train.teacher:  # pseudo-labels: the teacher's raw-logit margins of each row, for MarginMSE
+    if train.teacher == HYBRID_TEACHER:  # label-free pseudo-labels: BM25 + the miner, fused as the evaluation does
+        labels, info = hybrid_margins(miner, dataset, split, result.scores, cache_dir=data.cache_dir or None,
+                                      show_progress=world().is_main)
+        result.rows = result.rows.add_column("label", labels)
+        result.manifest.update(teacher=train.teacher, hybrid_teacher=info)
+    elif train.teacher:  # pseudo-labels: the teacher's raw-logit margins of each row, for MarginMSE
         teacher = load_teacher(train.teacher, device=train.device)
         result.rows = result.rows.add_column("label", teacher_margins(teacher, result.rows,
                                                                       show_progress=world().is_main))

@@ -88,9 +88,10 @@ class TrainConfig:
     pseudo_per_document: int = field(1, "pseudo-queries made per document")
     generator: str | None = field(None, "pseudo_queries=generator: a seq2seq query generator (hub id or local "
                                         "folder, doc2query style)")
-    teacher: str | None = field(None, "embedder only: a teacher cross-encoder (folder or hub id) or one of our "
-                                      "reranker adapter folders; each mined row gets the teacher's raw-logit margins "
-                                      "(positive - negative) and the loss becomes margin-mse (GPL-style pseudo-labels)")
+    teacher: str | None = field(None, "embedder only: a teacher cross-encoder (folder or hub id), one of our "
+                                      "reranker adapter folders, or 'hybrid' (BM25 fused with the frozen base: no "
+                                      "model, no label); each mined row gets the teacher's margins (positive - "
+                                      "negative, raw logits) and the loss becomes margin-mse (GPL-style pseudo-labels)")
     dev_split: str | None = field(None, "qrels split for evaluation during training and best-checkpoint choice; default: 'dev' when the dataset has one; '' to skip; a named split must exist")
     dev_corpus_size: int = field(1000, "documents searched in dev evaluation: the dev positives plus a seeded sample")
     checkpoint_steps: int = field(50, "save a checkpoint (and evaluate on the dev split) every N steps, and at the end")
