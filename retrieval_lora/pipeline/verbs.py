@@ -41,7 +41,8 @@ from retrieval_lora.report import ReportFiles, comparison_summary, metrics_block
 from retrieval_lora.report import write_report as write_report_blocks
 from retrieval_lora.training import TrainConfig, TrainResult, mining_config, train_adapter
 from retrieval_lora.training.distributed import once, world
-from retrieval_lora.training.teacher import HYBRID_TEACHER, hybrid_margins, load_teacher, teacher_margins
+from retrieval_lora.pipeline.hybrid_teacher import HYBRID_TEACHER, hybrid_margins
+from retrieval_lora.training.teacher import load_teacher, teacher_margins
 
 SELF_HIT_WARNING_SHARE = 0.05  # queries retrieving their own id above this share look like ArguAna-style data
 

@@ -15,13 +15,8 @@ adapter folders (`retrieval_lora.json` beside the PEFT files: loaded on the base
     teacher = load_teacher("runs/reranker/adapter")
     rows = rows.add_column("label", teacher_margins(teacher, rows))
 
-`--teacher hybrid` needs no model and no label: the teacher is the hybrid pipeline the evaluation
-reports, BM25 fused with the miner (the frozen base by default) as `fuse_runs` does (min-max
-normalised per query over each system's top 100, equal weights). Its fused scores live in [0, 1],
-so `hybrid_margins` rescales them to the miner's own mean margin on the same rows: the student is
-asked to reorder its negatives as the hybrid does, not to stretch every gap.
-
-    rows = rows.add_column("label", hybrid_margins(miner, dataset, split, mined.scores))
+`--teacher hybrid` (BM25 fused with the miner, no model and no label) is built from the evaluation's
+runs, a later stage than training: see `retrieval_lora.pipeline.hybrid_teacher`.
 """
 
 from __future__ import annotations
@@ -35,9 +30,6 @@ from sentence_transformers.util import pairwise_cos_sim
 from retrieval_lora.models.prior import cached_views
 
 MARGIN_SCALE = 20.0
-HYBRID_TEACHER = "hybrid"  # --teacher hybrid: BM25 + the miner, label-free (not a folder or hub id)
-HYBRID_WEIGHT = 0.5  # BM25's weight in the fusion: the evaluation's choice when no dev split picks one
-HYBRID_DEPTH = 100  # each system's top k that the fusion normalises over (the evaluation's first-stage depth)
 
 
 def load_teacher(spec: str, device: str | None = None) -> Any:
@@ -73,37 +65,3 @@ def margin_similarity(queries: torch.Tensor, documents: torch.Tensor) -> torch.T
     """The student's score in the teacher's units: `MARGIN_SCALE` x cosine."""
     return MARGIN_SCALE * pairwise_cos_sim(queries, documents)
 
-
-def hybrid_margins(miner: Any, dataset: Any, split: str, scores: Any, *, cache_dir: str | None = None,
-                   show_progress: bool = True) -> tuple[list[float] | list[list[float]], dict]:
-    """Per mined row, the hybrid pipeline's margins positive - negative_i (a float with one negative,
-    else a list), in the miner's units; and what was done (scale, documents the fusion missed).
-
-    `scores` is the mining result's row-aligned scores (query_id, positive_id, negative_ids,
-    positive_score, negative_scores: the miner's cosines). A document outside both systems' top
-    `HYBRID_DEPTH` scores 0, as in the evaluation's fusion.
-    """
-    import numpy as np
-
-    from retrieval_lora.embedding_cache import EmbeddingCache
-    from retrieval_lora.evaluation.fusion import FusionChoice, fuse_runs
-    from retrieval_lora.evaluation.lexical import bm25_runs
-    from retrieval_lora.evaluation.runs import retrieve
-
-    cache = EmbeddingCache(cache_dir) if cache_dir else None
-    dense = retrieve(miner, dataset, split, k=HYBRID_DEPTH, show_progress=show_progress, cache=cache)
-    lexical = bm25_runs(dataset, [split], k=HYBRID_DEPTH, cache_dir=cache_dir)[split]
-    choice = FusionChoice("convex", (HYBRID_WEIGHT, 1 - HYBRID_WEIGHT), None, "the hybrid teacher's equal weights")
-    fused = fuse_runs([lexical, dense], choice)
-    documents = [[row["positive_id"], *row["negative_ids"]] for row in scores]
-    hybrid = np.asarray([[fused.get(row["query_id"], {}).get(doc_id, 0.0) for doc_id in ids]
-                         for row, ids in zip(scores, documents)], dtype=np.float64)
-    own = np.asarray([[row["positive_score"], *row["negative_scores"]] for row in scores], dtype=np.float64)
-    hybrid_gap, own_gap = hybrid[:, :1] - hybrid[:, 1:], MARGIN_SCALE * (own[:, :1] - own[:, 1:])
-    scale = float(own_gap.mean() / hybrid_gap.mean()) if hybrid_gap.mean() > 0 and own_gap.mean() > 0 \
-        else MARGIN_SCALE
-    margins = (scale * hybrid_gap).tolist()
-    info = {"teacher": HYBRID_TEACHER, "bm25_weight": HYBRID_WEIGHT, "depth": HYBRID_DEPTH, "scale": round(scale, 4),
-            "documents_outside_both_top_k": int((hybrid == 0).sum()),
-            "rows_reordered": int((hybrid_gap < 0).any(axis=1).sum())}
-    return ([row[0] for row in margins] if hybrid.shape[1] == 2 else margins), info
