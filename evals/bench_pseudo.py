@@ -122,14 +122,14 @@ def markdown(rows: list[dict]) -> str:
         lines += [f"## {dataset}", "",
                   f"Frozen base {ref['base']:.4f}; supervised LoRA adapter ({ref['rows']} labelled rows) "
                   f"{ref['adapter']:.4f}; BM25 {ref['bm25']:.4f} (nDCG@10).", ""]
-        teachers = {r["teacher"] != HYBRID for r in rows if r["dataset"] == dataset and r["teacher"]}
-        taught = teacher_quality(dataset, "reranker") if True in teachers else None
+        teachers = {teacher_label(r["teacher"]) for r in rows if r["dataset"] == dataset}
+        taught = teacher_quality(dataset, "reranker") if "our reranker" in teachers else None
         if taught is not None:
             lines += [f"Teacher 'our reranker': our default reranker adapter of baselines_{dataset}_reranker.md, "
                       f"trained on the training labels (the student reads none), retrained with the same settings "
                       f"for these rows; over the frozen base's top 10 it scored {taught:.4f}, which roughly caps what "
                       "distilling its margins can be expected to reach.", ""]
-        hybrid = teacher_quality(dataset, HYBRID) if False in teachers else None
+        hybrid = teacher_quality(dataset, HYBRID) if teacher_label(HYBRID) in teachers else None
         if hybrid is not None:
             lines += [f"Teacher 'hybrid' (`--teacher hybrid`, no model and no label): BM25 fused with the frozen base "
                       f"(min-max per query, equal weights), the {HYBRID_SYSTEM} row of baselines_{dataset}.md: "

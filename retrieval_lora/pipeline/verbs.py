@@ -36,12 +36,12 @@ from retrieval_lora.manifest import build_manifest, replace_dir_atomic, staging_
 from retrieval_lora.mining import MiningConfig, mine_hard_negatives, save_mining_result
 from retrieval_lora.models import load_adapter, load_base, read_adapter_metadata
 from retrieval_lora.pipeline.config import DataConfig, EvaluationConfig, PublishConfig
+from retrieval_lora.pipeline.hybrid_teacher import HYBRID_TEACHER, hybrid_margins
 from retrieval_lora.registry import Registry
 from retrieval_lora.report import ReportFiles, comparison_summary, metrics_blocks, system_lines, write_evaluation
 from retrieval_lora.report import write_report as write_report_blocks
 from retrieval_lora.training import TrainConfig, TrainResult, mining_config, train_adapter
 from retrieval_lora.training.distributed import once, world
-from retrieval_lora.pipeline.hybrid_teacher import HYBRID_TEACHER, hybrid_margins
 from retrieval_lora.training.teacher import load_teacher, teacher_margins
 
 SELF_HIT_WARNING_SHARE = 0.05  # queries retrieving their own id above this share look like ArguAna-style data
@@ -112,8 +112,8 @@ def _build_rows(train: TrainConfig, data: DataConfig, dataset: RetrievalDataset,
     result = mine_hard_negatives(miner, dataset, split, settings)
     result.manifest.update(base=miner_name, max_seq_length=train.max_seq_length)
     if train.teacher == HYBRID_TEACHER:  # label-free pseudo-labels: BM25 + the miner, fused as the evaluation does
-        labels, info = hybrid_margins(miner, dataset, split, result.scores, cache_dir=data.cache_dir or None,
-                                      show_progress=world().is_main)
+        cache = EmbeddingCache(settings.cache_dir, settings.cache_dtype) if settings.cache_dir else None
+        labels, info = hybrid_margins(miner, dataset, split, result.scores, cache=cache, show_progress=world().is_main)
         result.rows = result.rows.add_column("label", labels)
         result.manifest.update(teacher=train.teacher, hybrid_teacher=info)
     elif train.teacher:  # pseudo-labels: the teacher's raw-logit margins of each row, for MarginMSE

@@ -57,11 +57,15 @@ def teacher_margins(teacher: Any, rows: Any, batch_size: int = 32,
         scores = teacher.predict(pairs, batch_size=batch_size, activation_fn=torch.nn.Identity(),
                                  convert_to_tensor=True, show_progress_bar=show_progress)
     scores = scores.float().reshape(len(rows), len(columns))
-    margins = (scores[:, :1] - scores[:, 1:]).tolist()
-    return [row[0] for row in margins] if len(negatives) == 1 else margins
+    return margin_labels((scores[:, :1] - scores[:, 1:]).tolist())
+
+
+def margin_labels(margins: list[list[float]]) -> list[float] | list[list[float]]:
+    """Rows x negatives margins as MarginMSELoss reads its label column: a float per row with one
+    negative, else a list per row."""
+    return [row[0] for row in margins] if margins and len(margins[0]) == 1 else margins
 
 
 def margin_similarity(queries: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
     """The student's score in the teacher's units: `MARGIN_SCALE` x cosine."""
     return MARGIN_SCALE * pairwise_cos_sim(queries, documents)
-
