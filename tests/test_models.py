@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,48 @@ def test_cached_views_score_as_the_plain_forward_with_fewer_encoder_rows(base_pa
         assert not hasattr(peft_model.get_base_model(), "_retrieval_lora_prior_views")  # nothing left after the block
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("prior", [True, False], ids=["cosine prior", "plain head"])
+def test_length_buckets_give_the_plain_forwards_logits_and_gradients_with_less_padding(base_path: str,
+                                                                                         prior: bool) -> None:
+    """A training step's pairs in length-sorted passes cut to their own width: the logits and the LoRA
+    gradients of the plain padded forward, in the loss's order, with fewer padded token rows encoded."""
+    from retrieval_lora.models import install_length_buckets
+
+    model = _adapted("reranker", base_path)
+    inner = transformer_of(model).get_base_model()
+    if not prior:  # as a base with its own head runs: no prior views, the joint pass only
+        inner.forward = types.MethodType(type(inner).forward, inner)
+    long_doc = " ".join(["a much longer document about lists and files"] * 12)
+    pairs = [(q, d) for q in ("reverse a list", "open a file in python") for d in
+             (TEXTS[1], long_doc, "short", TEXTS[2], "with open(p) as f: data = f.read()")]
+    widths: list[int] = []
+    hook = inner.base_model.register_forward_hook(lambda module, args, out: widths.append(
+        out.last_hidden_state.shape[0] * out.last_hidden_state.shape[1]))
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        model.zero_grad()
+        widths.clear()
+        logits = model(model.preprocess(pairs))["scores"].view(-1)
+        (logits * torch.arange(1, len(pairs) + 1)).sum().backward()  # a gradient that depends on the order
+        grads = [p.grad.clone() for p in transformer_of(model).parameters() if p.requires_grad]
+        return logits.detach(), grads, sum(widths)
+
+    try:  # eval mode (no dropout), gradients on: the training forward's path, made deterministic
+        plain_logits, plain_grads, plain_tokens = step()
+        install_length_buckets(model, pairs_per_pass=3)
+        logits, grads, tokens = step()
+        with torch.no_grad():  # inference is left as it was: one pass, its own padding
+            widths.clear()
+            model(model.preprocess(pairs))
+            assert len(widths) == (3 if prior else 1)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(logits, plain_logits, atol=1e-4, rtol=1e-4)
+    for grad, plain_grad in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(grad, plain_grad, atol=1e-4, rtol=1e-3)
+    assert tokens < 0.7 * plain_tokens  # one long document no longer pads every pair
 
 
 def test_reranker_head_is_trained_and_saved(base_path: str, tmp_path: Path) -> None:

@@ -14,6 +14,8 @@
   adapter_config.json) plus `retrieval_lora.json` (task, base, fingerprints, config, metrics).
   Loading checks that the adapter belongs to this task and this base.
 - `merge_adapter` / `save_merged`: fold the adapter into the weights for a standalone export.
+- `install_length_buckets`: a reranker's training forward runs its pairs sorted by length, in passes cut
+  to their own longest pair (`models.buckets`; the same scores, about a third fewer padded tokens).
 - `merged_for_inference`: fold the adapter in for a block of inference and take it out after
   (an unmerged LoRA on every linear layer makes forward passes ~25% slower on a CPU; a 4-bit
   base gets dense float copies of its layers for the block instead).
@@ -50,6 +52,7 @@ __getattr__ = lazy_exports(__name__, {name: ".core" for name in (
     "merge_adapter",
     "merged_for_inference",
     "save_merged",
-)} | {name: ".prior" for name in ("cosine_prior", "cached_views", "install_cosine_prior", "PRIOR_KEY")})
+)} | {name: ".prior" for name in ("cosine_prior", "cached_views", "install_cosine_prior", "PRIOR_KEY")} \
+  | {"install_length_buckets": ".buckets"})
 
 __all__ = ["DEFAULT_BASE", "DEFAULT_MAX_SEQ_LENGTH", "TASKS", "LoraSettings", "Task", "check_task", "resolve_base"]  # and the lazily loaded names above

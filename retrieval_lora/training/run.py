@@ -30,7 +30,7 @@ from retrieval_lora.errors import TrainingError
 from retrieval_lora.manifest import write_json_atomic
 from retrieval_lora.models import (
     AdapterMetadata, RetrievalModel, attach_lora, base_fingerprint, cached_views, cosine_prior, has_trained_head,
-    load_adapter_weights, load_base, save_adapter, trainable_parameters,
+    install_length_buckets, load_adapter_weights, load_base, save_adapter, trainable_parameters,
 )
 from retrieval_lora.training.config import (
     CHECKPOINT_FILES, DEV_METRIC, WARM_START_SCALE, TrainConfig, json_ready, weight_settings,
@@ -211,6 +211,8 @@ def _setup_model(config: TrainConfig) -> RetrievalModel:
     if config.attention_dropout >= 0:
         set_attention_dropout(model, config.attention_dropout)
     attach_lora(model, config.task, config.lora)
+    if config.task == "reranker":
+        install_length_buckets(model)  # the losses' pairs run in passes of similar length (models.buckets)
     return model
 
 
@@ -251,7 +253,8 @@ def _setup_loss(config: TrainConfig, model: RetrievalModel) -> torch.nn.Module:
     if name == "listwise":
         return reranker_losses.MultipleNegativesRankingLoss(model)
     if name == "lambda":
-        return reranker_losses.LambdaLoss(model, activation_fn=raw)
+        # mini_batch_size -1: the whole step's pairs in one call, which the length buckets split into passes
+        return reranker_losses.LambdaLoss(model, activation_fn=raw, mini_batch_size=-1)
     return reranker_losses.BinaryCrossEntropyLoss(model, activation_fn=raw)
 
 
