@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from retrieval_lora.models.prior import transformers_model
+
 PAIRS_PER_PASS = 8
 """Pairs per forward pass: the pass size sentence-transformers' LambdaLoss used by default (the batch
 size of 8); with pairs of one length a pass of 8 x ~120 tokens keeps the CPU's matrix products full."""
@@ -37,23 +39,22 @@ def install_length_buckets(model: Any, pairs_per_pass: int = PAIRS_PER_PASS) -> 
     in place; a second call changes only `pairs_per_pass`."""
     if pairs_per_pass < 1:
         raise ValueError(f"pairs_per_pass must be at least 1, got {pairs_per_pass}")
-    inner = model[0].model
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    if getattr(inner, INSTALLED_ATTR, None) is not None:
-        setattr(inner, INSTALLED_ATTR, pairs_per_pass)
-        return
+    inner = transformers_model(model)
+    installed = getattr(inner, INSTALLED_ATTR, None) is not None
     setattr(inner, INSTALLED_ATTR, pairs_per_pass)
-    plain = inner.forward  # the class's forward, or the cosine prior's (models.prior) where installed
-    inner.forward = types.MethodType(_bucketed(plain), inner)
+    if not installed:  # wrap the class's forward, or the cosine prior's (models.prior) where installed
+        inner.forward = types.MethodType(_bucketed(inner.forward), inner)
 
 
 def _bucketed(plain):
     def forward_in_buckets(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
         size = getattr(self, INSTALLED_ATTR)
+        types_given = token_type_ids is not None  # passed on only when given: not every architecture takes them
         if (not torch.is_grad_enabled() or input_ids is None or attention_mask is None or len(input_ids) <= size
                 or any(kwargs.get(name) not in (None, False) for name in PLAIN_ONLY)
                 or not _right_padded(attention_mask)):
-            return plain(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+            return plain(input_ids=input_ids, attention_mask=attention_mask,
+                         **({"token_type_ids": token_type_ids} if types_given else {}), **kwargs)
         lengths = attention_mask.sum(dim=1)
         order = torch.argsort(lengths, descending=True, stable=True)
         parts = []
@@ -61,10 +62,9 @@ def _bucketed(plain):
             rows = order[start:start + size]
             width = int(lengths[rows].max())
             out = plain(input_ids=input_ids[rows, :width], attention_mask=attention_mask[rows, :width],
-                        token_type_ids=None if token_type_ids is None else token_type_ids[rows, :width], **kwargs)
+                        **({"token_type_ids": token_type_ids[rows, :width]} if types_given else {}), **kwargs)
             parts.append(out.logits if hasattr(out, "logits") else out[0])
-        logits = torch.empty((len(order), *parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device)
-        logits = logits.index_copy(0, order, torch.cat(parts))
+        logits = torch.cat(parts)[torch.argsort(order)]  # back in the loss's order
         return (logits,) if kwargs.get("return_dict") is False else SequenceClassifierOutput(logits=logits)
 
     return forward_in_buckets

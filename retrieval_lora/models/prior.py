@@ -66,7 +66,7 @@ def pooling_of(path: str | None) -> str | None:
 
 def cosine_prior(model: Any) -> dict[str, Any] | None:
     """The prior's settings ({"scale", "pooling"}) of a CrossEncoder from `load_base`, None when it has none."""
-    return getattr(_transformers_model(model).config, PRIOR_KEY, None)
+    return getattr(transformers_model(model).config, PRIOR_KEY, None)
 
 
 @contextmanager
@@ -80,7 +80,7 @@ def cached_views(model: Any) -> Iterator[None]:
     is skipped, its logits being zero. Scores are those of the plain forward, to float rounding.
     Do not switch or train adapters inside the block. A model without the prior is left as it is.
     """
-    inner = _transformers_model(model)
+    inner = transformers_model(model)
     if getattr(inner.config, PRIOR_KEY, None) is None:
         yield
         return
@@ -91,7 +91,9 @@ def cached_views(model: Any) -> Iterator[None]:
         delattr(inner, VIEWS_ATTR)
 
 
-def _transformers_model(model: Any) -> Any:
+def transformers_model(model: Any) -> Any:
+    """The transformers model inside a CrossEncoder, under peft's wrapper when it has one: the module
+    whose `forward` the prior and the length buckets (`models.buckets`) replace."""
     inner = model[0].model
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a PeftModel
 
