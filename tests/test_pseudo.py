@@ -138,6 +138,27 @@ def test_teacher_margins_are_raw_logit_differences_whatever_the_activation(tiny_
     assert isinstance(one[0], float) and one == pytest.approx(list(margins[:, 0]), abs=1e-5)
 
 
+def test_a_bi_encoder_teacher_gives_its_cosine_gaps_in_the_students_units(base_path: str) -> None:
+    """A sentence-transformers embedder as --teacher (a larger bi-encoder to distil, no head): its margins are
+    MARGIN_SCALE x (cos(q, positive) - cos(q, negative)) of its own embeddings, not a new head's noise."""
+    from datasets import Dataset
+
+    from retrieval_lora.models import load_base
+    from retrieval_lora.training.teacher import MARGIN_SCALE, load_teacher, teacher_margins
+
+    rows = Dataset.from_dict({"query": ["which animal has a trunk", "fastest land animal"],
+                              "positive": [TOPICS[0][3], TOPICS[2][3]],
+                              "negative_1": [TOPICS[1][3], TOPICS[3][3]], "negative_2": [TOPICS[4][3], TOPICS[5][3]]})
+    margins = np.asarray(teacher_margins(load_teacher(base_path), rows, show_progress=False))
+    embedder = load_base("embedder", base_path)
+    queries = embedder.encode(rows["query"], normalize_embeddings=True)
+    documents = np.stack([embedder.encode(rows[c], normalize_embeddings=True)
+                          for c in ("positive", "negative_1", "negative_2")], axis=1)
+    cosines = np.einsum("qd,qkd->qk", queries, documents)
+    np.testing.assert_allclose(margins, MARGIN_SCALE * (cosines[:, :1] - cosines[:, 1:]), atol=1e-3)
+    assert (margins[:, 0] > 0).all()  # the topic's own document beats another topic's
+
+
 @pytest.mark.slow
 def test_an_embedder_trains_on_cropped_queries_with_teacher_margins(tiny_beir: Path, tmp_path: Path,
                                                                    base_path: str) -> None:

@@ -89,7 +89,8 @@ class TrainConfig:
     generator: str | None = field(None, "pseudo_queries=generator: a seq2seq query generator (hub id or local "
                                         "folder, doc2query style)")
     teacher: str | None = field(None, "embedder only: a teacher cross-encoder (folder or hub id), one of our "
-                                      "reranker adapter folders, or 'hybrid' (BM25 fused with the frozen base: no "
+                                      "reranker adapter folders, a larger sentence-transformers embedder (scores "
+                                      "20 x its cosine), or 'hybrid' (BM25 fused with the frozen base: no "
                                       "model, no label); each mined row gets the teacher's margins (positive - "
                                       "negative, raw logits) and the loss becomes margin-mse (GPL-style pseudo-labels)")
     dev_split: str | None = field(None, "qrels split for evaluation during training and best-checkpoint choice; default: 'dev' when the dataset has one; '' to skip; a named split must exist")

@@ -9,8 +9,10 @@ The student (the embedder) is trained with sentence-transformers' MarginMSELoss 
 `MARGIN_SCALE` x cosine, the units our rerankers score in (`models.prior`: 20 x cosine plus the
 head), so a teacher margin of 2 asks for a cosine gap of 0.1.
 
-A teacher is a cross-encoder folder or hub id (a trained one-logit head), or one of our reranker
-adapter folders (`retrieval_lora.json` beside the PEFT files: loaded on the base it names).
+A teacher is a cross-encoder folder or hub id (a trained one-logit head), one of our reranker
+adapter folders (`retrieval_lora.json` beside the PEFT files: loaded on the base it names), or a
+sentence-transformers embedder (a larger bi-encoder to distil): loaded as a reranker it has no
+head, so it scores with the cosine prior alone, `MARGIN_SCALE` x its own cosine, the student's units.
 
     teacher = load_teacher("runs/reranker/adapter")
     rows = rows.add_column("label", teacher_margins(teacher, rows))
