@@ -8,7 +8,7 @@ each on a seeded sample of documents as large as the supervised adapter's row bu
 mined rows of evals/results/baselines_<dataset>.json), hard negatives mined by the frozen base as
 usual, TrainConfig defaults otherwise (cached MNRL, rank 8, one epoch, no dev split: no label is
 read). With --teacher (one of our reranker adapter folders; an off-the-shelf embedder folder such as
-all-mpnet-base-v2, installed as the README's benchmark section says; or `hybrid`: BM25 fused with the
+all-mpnet-base-v2, unpacked into ../mpnet by `bash evals/get_mpnet.sh`; or `hybrid`: BM25 fused with the
 frozen base, which reads no label either) each method also gets a row trained with MarginMSE on
 that teacher's margins. Evaluated on the test split against the frozen
 base (BM25 rows off: they do not enter the default gate), default gate. The supervised adapter's
@@ -18,7 +18,7 @@ and BM25's figures come from baselines_<dataset>.json (same base, same test quer
     python evals/bench_pseudo.py --dataset nfcorpus --threads 2
     python evals/bench_pseudo.py --dataset scifact --methods crop --teacher runs/bench_baselines/scifact/reranker/adapter
     python evals/bench_pseudo.py --dataset scifact --methods crop --teacher hybrid
-    python evals/bench_pseudo.py --dataset scifact --methods crop --teacher /work/mpnet/model/all-mpnet-base-v2
+    python evals/bench_pseudo.py --dataset scifact --methods crop --teacher ../mpnet/model/all-mpnet-base-v2
 
 Results: evals/results/pseudo_queries.md and .json (rows keyed by dataset, method and teacher).
 Quality figures do not depend on machine load; the seconds do.
@@ -58,7 +58,8 @@ def teacher_quality(dataset: str, teacher: str) -> float | None:
 
 
 def is_adapter(teacher: str) -> bool:
-    """Whether `teacher` is one of our adapter folders (a reranker trained on the labels)."""
+    """Whether `teacher` is one of our adapter folders (a reranker trained on the labels). A committed row's
+    folder may be absent where the page is rebuilt, so the benchmark's own adapter path also counts."""
     return (Path(teacher) / "retrieval_lora.json").is_file() or "/reranker/adapter" in teacher
 
 
@@ -71,6 +72,15 @@ def teacher_label(teacher: str) -> str:
     return "our reranker" if is_adapter(teacher) else Path(teacher).name
 
 
+def run_name(method: str, teacher: str | None) -> str:
+    """The row's work folder under --work/<dataset>: one per method and teacher."""
+    if not teacher:
+        return method
+    if teacher == HYBRID:
+        return f"{method}-hybrid"
+    return f"{method}-teacher" if is_adapter(teacher) else f"{method}-{Path(teacher).name}"
+
+
 def run_method(args, method: str, teacher: str | None, budget: int) -> dict:
     from retrieval_lora import pipeline
     from retrieval_lora.gate import GatePolicy
@@ -79,9 +89,7 @@ def run_method(args, method: str, teacher: str | None, budget: int) -> dict:
     data = pipeline.DataConfig(path=str(harness.dataset_or_skip(args.dataset)))
     dataset = pipeline.load_data(data)
     config = TrainConfig(task="embedder", pseudo_queries=method, pseudo_documents=budget, teacher=teacher)
-    name = method + ("-hybrid" if teacher == HYBRID else "-teacher" if teacher and is_adapter(teacher)
-                     else f"-{Path(teacher).name}" if teacher else "")
-    work = Path(args.work) / args.dataset / name
+    work = Path(args.work) / args.dataset / run_name(method, teacher)
     started = time.time()
     rows = pipeline.build_rows(config, data, dataset, work / "mining")
     result = pipeline.train(config, dataset, rows, work)
@@ -162,8 +170,9 @@ def markdown(rows: list[dict]) -> str:
             lines += [f"Teacher '{other}': an off-the-shelf sentence-transformers bi-encoder, larger than the base and "
                       "never trained on this dataset's labels, so the row is label-free. Loaded as a teacher it has no "
                       "scoring head and scores 20 x its own cosine (`--teacher` with an embedder folder), the student's "
-                      "units (the folder comes from `bash evals/get_mpnet.sh`, which unpacks it into ../mpnet, outside the project). It was not evaluated here as a retriever: encoding a whole corpus with it takes over an "
-                      "hour on this machine's two cores.", ""]
+                      "units (the folder comes from `bash evals/get_mpnet.sh`, which unpacks it into ../mpnet, "
+                      "outside the project). It was not evaluated here as a retriever: encoding a whole corpus with "
+                      "it takes over an hour on this machine's two cores.", ""]
         lines += [
                   "| method | teacher | loss | rows | base nDCG@10 | adapter nDCG@10 | delta | p | gate | train s |",
                   "|---|---|---|---|---|---|---|---|---|---|"]

