@@ -79,12 +79,13 @@ def teacher_label(teacher: str) -> str:
 def run_name(method: str, teacher: str | None, epochs: float = 1.0, documents: int = 0) -> str:
     """The row's work folder under --work/<dataset>: one per method, teacher, epoch count and --documents (one
     epoch and the default row budget: no suffix, the folders of earlier runs)."""
-    suffix = ("" if epochs == 1 else f"-e{epochs:g}") + (f"-d{documents}" if documents else "")
     if not teacher:
-        return method + suffix
-    if teacher == HYBRID:
-        return f"{method}-hybrid{suffix}"
-    return (f"{method}-teacher" if is_adapter(teacher) else f"{method}-{Path(teacher).name}") + suffix
+        name = method
+    elif teacher == HYBRID:
+        name = f"{method}-hybrid"
+    else:
+        name = f"{method}-teacher" if is_adapter(teacher) else f"{method}-{Path(teacher).name}"
+    return name + ("" if epochs == 1 else f"-e{epochs:g}") + (f"-d{documents}" if documents else "")
 
 
 def run_method(args, method: str, teacher: str | None, budget: int) -> dict:
