@@ -69,6 +69,29 @@ FINDINGS: dict[str, list[str]] = {"demo": [
     "a time similar to the embedder's is still missed. What remains: training (the prior's second encoder pass per "
     "pair, with its backward) and the adapter's pass over the 7976 pairs (5.7 minutes: a trained head needs every "
     "joint pass), mining 1 minute, the frozen base reranker 1.3.",
+    "Measured again on another machine of the same kind (2 cores with AVX512-BF16), both default jobs back to "
+    "back, idle: the embedder's job 550 s (rows 88 / training 214 / evaluation 232), the reranker's 1316 s (105 / "
+    "523 / 675), about 2.4x: this machine runs the reranker's passes slower relative to the embedder's than the "
+    "one above (1111 s against 652 s), so the target of a time similar to the embedder's is missed by more than "
+    "that ratio said. A py-spy profile of the reranker's job before this row's change (`py-spy record -r 5 -f raw "
+    "-- python -m retrieval_lora.train --task reranker ...`) put its time in: the adapter's and frozen reranker's "
+    "passes over the 7976 evaluation pairs 598 s (joint passes 368 s, the prior's views 225 s), the training steps "
+    "414 s (forward 206 s, backward 207 s), the two dev evaluations 281 s, mining 82 s, dense retrieval for the "
+    "first stages 89 s, ranx's one-time numba compilation 45 s. The dev evaluations were the waste: they came 3 "
+    "steps apart (steps 50 and 53, 138 s and 132 s), and the dev metric reranked each dev query's positive among "
+    "20 random corpus documents, 0.98 nDCG@10 from the first checkpoint on, so it could not tell checkpoints apart. "
+    "Now the dev evaluation reranks the miner's top 10 of each dev query (saved by mining beside the rows, "
+    "`dev_first_stage.json`; a positive the first stage missed counts as missed, as in the evaluation): the first "
+    "stage's 0.7112 -> 0.7644 nDCG@10 on the demo's 80 dev queries, 800 pairs, 64 s; and a periodic evaluation "
+    "less than half an interval before the last step is left to the final one. The training stage went from "
+    "696 s to 523 s with the same adapter (the final checkpoint both times, 0.6268 nDCG@10, p = 0.0030, gate "
+    "passed). The rest is the reranker's own cost: at about 6 GFLOP per (query, document) pair of 256 tokens, "
+    "the joint passes run near this CPU's fp32 peak (22 pairs/s on 2 threads), and the job scores 7976 pairs to "
+    "evaluate plus 2120 pairs x (joint + document view) x (forward + backward) to train, where the embedder's job "
+    "encodes the 2500 documents a few times. Reranking fewer first stages would cut the evaluation but drop the "
+    "two-stage rows over BM25 and the hybrids from the report; reranking the top 10 instead of 20 would cut it "
+    "by half but costs quality (0.6039 instead of 0.6268 nDCG@10 on the same adapter's scores); neither was made "
+    "the default.",
 ]}
 
 
@@ -188,6 +211,7 @@ def cli(args) -> dict:
         "passed": metrics["decision"]["passed"], "reasons": metrics["decision"]["reasons"],
         "baseline": metrics.get("baseline_name"), "baseline_scores": metrics.get("baseline"),
         "adapter": metrics.get("adapter"), "seconds": round(seconds, 1), "job_seconds": metrics.get("seconds"),
+        "stage_seconds": metrics.get("stage_seconds"),
         "threads": args.threads or "torch default", "load_before": load_before, "load_after": _load(),
     }
 
@@ -195,6 +219,12 @@ def cli(args) -> dict:
 def _score(row: dict, name: str) -> str:
     value = (row.get("scores", {}).get(name) or {}).get("ndcg@10")
     return f"{value:.4f}" if value is not None else "-"
+
+
+def _stages(row: dict) -> str:
+    """A job's seconds per stage (metrics.json's stage_seconds), '-' for rows measured before it was recorded."""
+    stages = row.get("stage_seconds")
+    return " / ".join(f"{stages[k]:.0f}" for k in ("rows", "training", "evaluation")) if stages else "-"
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -228,14 +258,16 @@ def _markdown(rows: list[dict]) -> str:
         jobs = [r for r in rows if r["dataset"] == dataset and r["kind"] == "cli"]
         if jobs:
             lines += ["", "### The default job (`python -m retrieval_lora.train --task ...`)", "",
-                      "| task | job | baseline | baseline nDCG@10 | adapter nDCG@10 | gate | wall time | threads | load |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "| task | job | baseline | baseline nDCG@10 | adapter nDCG@10 | gate | wall time | "
+                      "rows / training / evaluation s | threads | load |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for row in jobs:
                 base = (row.get("baseline_scores") or {}).get("ndcg@10")
                 adapter = (row.get("adapter") or {}).get("ndcg@10")
                 lines.append(f"| {row['name']} | `{row['job']}` | {row['baseline']} | "
                              f"{base:.4f} | {adapter:.4f} | {'passed' if row['passed'] else 'refused'} | "
-                             f"{row['seconds']:.0f} s | {row['threads']} | {row['load_before']} -> {row['load_after']} |")
+                             f"{row['seconds']:.0f} s | {_stages(row)} | {row['threads']} | "
+                             f"{row['load_before']} -> {row['load_after']} |")
         lines.append("")
     notes = [f"- {row['dataset']} {row['name']}: {note}" for row in rows for note in row.get("notes", [])]
     lines += ["## Commands", "", *[f"- {row['dataset']} {row['kind']} {row['name']}: `{row['command']}`" for row in rows],

@@ -65,10 +65,13 @@ def main(argv: list[str] | None = None) -> int:
 
     here = distributed.start(config.train.device)
     started, run_dir = time.time(), Path(config.output) / config.train.task
+    stages: dict[str, float] = {}  # seconds per stage, in metrics.json: where a run's time went
     rows = pipeline.build_rows(config.train, config.data, dataset, run_dir / "mining")
+    stages["rows"] = round(time.time() - started, 1)
     if here.is_main:
         print(pipeline.describe_rows(rows, config.train.resolved_negatives), flush=True)
     result = pipeline.train(config.train, dataset, rows, run_dir)
+    stages["training"] = round(time.time() - started - sum(stages.values()), 1)
     distributed.finish()  # every rank has finished training; rank 0 alone judges and publishes
     if not here.is_main:
         return 0
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     comparison = pipeline.evaluate_candidate(candidate, dataset, config.evaluation, config.data,
                                              config.gate.primary_metric, champion=champion,
                                              registry=config.publish.registry)
+    stages["evaluation"] = round(time.time() - started - sum(stages.values()), 1)
     decision = pipeline.decide(comparison, config.gate)
     details = pipeline.report_details(dataset, candidate, config.evaluation, config.data)
     report = pipeline.write_report(run_dir / "evaluation", comparison, decision, details, config.evaluation,
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(pipeline.format_outcome(comparison, decision))
     write_json_atomic(run_dir / "metrics.json", {
         **pipeline.comparison_summary(comparison), "decision": decision.to_dict(), "config": json_ready(config.train),
-        "seconds": round(time.time() - started, 1)})
+        "seconds": round(time.time() - started, 1), "stage_seconds": stages})
     size_kb = os.path.getsize(result.adapter_dir / "adapter_model.safetensors") / 1024
     print(f"Adapter written to {result.adapter_dir} ({size_kb:,.0f} KB); metrics in {run_dir / 'metrics.json'}")
     print(f"Report: {report.html} (and report.md)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -60,6 +61,41 @@ def test_adapter_learns_the_tiny_task_and_beats_the_base(learnable_beir: Path, t
     best = Path(result.best_checkpoint)
     saved, chosen = _weights(result.adapter_dir), _weights(best)
     assert all(torch.equal(saved[k], chosen[k]) for k in saved)  # the best checkpoint is what was saved
+
+
+def test_a_periodic_dev_evaluation_just_before_the_last_step_is_skipped(learnable_beir: Path, tmp_path: Path) -> None:
+    # 8 rows, batch 4, 3 epochs: 6 steps; checkpoints every 5: step 5 is within half an interval of step 6
+    config = _config(learnable_beir, tmp_path, epochs=3, checkpoint_steps=5, dev_corpus_size=8)
+    result = train_adapter(config, load_beir(learnable_beir), tmp_path / "run")
+    evaluated = [entry["step"] for entry in result.history if "eval_dev_cosine_ndcg@10" in entry]
+    assert evaluated == [6]  # the final evaluation only
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-5").is_dir()  # still a checkpoint to resume from
+    assert result.best_checkpoint.endswith("checkpoint-6")
+
+
+def test_a_rerankers_dev_evaluation_reranks_the_miners_top_documents(tiny_beir: Path, tmp_path: Path) -> None:
+    from retrieval_lora import pipeline
+    from retrieval_lora.evaluation import ranked, retrieve
+    from retrieval_lora.models import load_base
+    from retrieval_lora.training import DEV_RERANK_DEPTH
+    from retrieval_lora.training.run import _setup_dev_evaluator
+
+    dataset = load_beir(tiny_beir)
+    config = TrainConfig(task="reranker", max_seq_length=48)
+    rows = pipeline.build_rows(config, pipeline.DataConfig(cache_dir=str(tmp_path / "cache")), dataset,
+                               tmp_path / "mining")
+    saved = json.loads((tmp_path / "mining" / "dev_first_stage.json").read_text())
+    miner = retrieve(load_base("embedder", config.base, max_seq_length=48), dataset, "dev", k=DEV_RERANK_DEPTH,
+                     show_progress=False)
+    assert saved["split"] == "dev" and saved["depth"] == DEV_RERANK_DEPTH
+    assert saved["run"] == {query_id: [doc for doc, _ in ranked(run)] for query_id, run in miner.items()}
+    first_stage = pipeline.dev_first_stage(rows, "dev")
+    assert first_stage == saved["run"] and pipeline.dev_first_stage(rows, "test") is None
+    evaluator = _setup_dev_evaluator(config, dataset, first_stage)
+    assert not evaluator.always_rerank_positives  # a positive the first stage missed counts as missed
+    assert [sample["documents"] for sample in evaluator.samples] == [
+        [dataset.corpus[doc].full_text for doc in first_stage[query_id]] for query_id in sorted(first_stage)]
+    assert _setup_dev_evaluator(config, dataset, None).always_rerank_positives  # rows without it: sampled documents
 
 
 def test_a_run_whose_loss_does_not_fall_warns_and_records_it(learnable_beir: Path, tmp_path: Path) -> None:

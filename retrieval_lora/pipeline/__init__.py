@@ -22,6 +22,7 @@ from retrieval_lora.pipeline.config import (
 
 __getattr__ = lazy_exports(__name__, {name: ".verbs" for name in (
     "Candidate", "Published", "Rows", "build_rows", "comparison_summary", "decide", "default_name", "describe_rows",
+    "dev_first_stage",
     "format_outcome",
     "evaluate_base", "evaluate_candidate", "find_champion", "load_candidate", "publish", "report_details", "train", "write_report",
 )})

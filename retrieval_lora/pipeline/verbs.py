@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,8 @@ from retrieval_lora.embedding_cache import EmbeddingCache
 from retrieval_lora.errors import RegistryError
 from retrieval_lora.config import save_config
 from retrieval_lora.evaluation import (
-    Baselines, BM25Settings, Comparison, compare_with_base, guard_comparison, read_trec_run, rerank, retrieve,
-    score_run, self_hits, write_trec_run,
+    Baselines, BM25Settings, Comparison, compare_with_base, guard_comparison, ranked, read_trec_run, rerank,
+    retrieve, score_run, self_hits, write_trec_run,
 )
 from retrieval_lora.gate import GateDecision, GatePolicy
 from retrieval_lora.gate import decide as gate_decide
@@ -40,10 +41,11 @@ from retrieval_lora.pipeline.hybrid_teacher import HYBRID_TEACHER, hybrid_margin
 from retrieval_lora.registry import Registry
 from retrieval_lora.report import ReportFiles, comparison_summary, metrics_blocks, system_lines, write_evaluation
 from retrieval_lora.report import write_report as write_report_blocks
-from retrieval_lora.training import TrainConfig, TrainResult, mining_config, train_adapter
+from retrieval_lora.training import DEV_RERANK_DEPTH, TrainConfig, TrainResult, mining_config, train_adapter
 from retrieval_lora.training.distributed import once, world
 from retrieval_lora.training.teacher import load_teacher, teacher_margins
 
+DEV_FIRST_STAGE = "dev_first_stage.json"  # beside a reranker's mined rows: the miner's top documents of its dev queries
 SELF_HIT_WARNING_SHARE = 0.05  # queries retrieving their own id above this share look like ArguAna-style data
 
 
@@ -122,10 +124,28 @@ def _build_rows(train: TrainConfig, data: DataConfig, dataset: RetrievalDataset,
                                                                       show_progress=world().is_main))
         result.manifest.update(teacher=train.teacher)
         del teacher
+    first_stage = _dev_first_stage(train, data, dataset, miner, settings)
     with _quiet_dataset_saves():
         save_mining_result(result, out)
+    if first_stage is not None:
+        write_json_atomic(out / DEV_FIRST_STAGE, first_stage)
     rows = result.training_rows()
     return Rows(rows, out / "rows", pairs_fingerprint(rows), mined=True, stats=result.stats)
+
+
+def _dev_first_stage(train: TrainConfig, data: DataConfig, dataset: RetrievalDataset, miner,
+                     settings: MiningConfig) -> dict[str, Any] | None:
+    """For a reranker with a dev split: the miner's top `DEV_RERANK_DEPTH` documents of each dev query,
+    which its dev evaluation reranks ({"split", "depth", "run": query id -> ranked document ids}).
+    The corpus embeddings come from mining's own cache, so only the dev queries are encoded."""
+    split = train.resolved_dev_split(dataset.splits) if train.task == "reranker" else None
+    if split is None:
+        return None
+    cache = EmbeddingCache(settings.cache_dir, settings.cache_dtype) if settings.cache_dir else None
+    run = retrieve(miner, dataset, split, k=DEV_RERANK_DEPTH, show_progress=False, exclude_self=data.exclude_self,
+                   cache=cache)
+    return {"split": split, "depth": DEV_RERANK_DEPTH,
+            "run": {query_id: [doc_id for doc_id, _ in ranked(ranking)] for query_id, ranking in run.items()}}
 
 
 def describe_rows(rows: Rows, negatives: int) -> str:
@@ -143,9 +163,14 @@ def train(train: TrainConfig, dataset: RetrievalDataset, rows: Rows, run_dir: st
     """Train the adapter on `rows` into `run_dir` (`adapter/`, `checkpoints/`, `config.yaml`).
 
     A reranker's warm start reads the first stage's scores of mined rows from mining's `scores/`
-    beside them (the miner is the warm start's teacher); other rows are scored by encoding them."""
+    beside them (the miner is the warm start's teacher); other rows are scored by encoding them. Its
+    dev evaluation reranks the miner's top documents of the dev queries saved there too
+    (`dev_first_stage`); without them, its dev positives among sampled documents."""
+    reranker = train.task == "reranker"
     return train_adapter(train, dataset, Path(run_dir), rows=rows.rows, callbacks=callbacks,
-                         teacher=mined_scores(rows) if train.task == "reranker" else None)
+                         teacher=mined_scores(rows) if reranker else None,
+                         dev_first_stage=dev_first_stage(rows, train.resolved_dev_split(dataset.splits))
+                         if reranker else None)
 
 
 def mined_scores(rows: Rows) -> list[list[float]] | None:
@@ -156,6 +181,16 @@ def mined_scores(rows: Rows) -> list[list[float]] | None:
         return None
     scores = Dataset.load_from_disk(str(folder))
     return [[positive, *negatives] for positive, negatives in zip(scores["positive_score"], scores["negative_scores"])]
+
+
+def dev_first_stage(rows: Rows, split: str | None) -> dict[str, list[str]] | None:
+    """The miner's ranked document ids per query of the dev `split`, saved beside mined rows for a reranker
+    (`DEV_FIRST_STAGE`); None when there is none for that split (rows not mined, or given as a file)."""
+    file = rows.path.parent / DEV_FIRST_STAGE
+    if split is None or not rows.mined or not file.is_file():
+        return None
+    saved = json.loads(file.read_text(encoding="utf-8"))
+    return saved["run"] if saved.get("split") == split else None
 
 
 @dataclass

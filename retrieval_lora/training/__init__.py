@@ -48,8 +48,12 @@ Features
 - LoRA on all linear layers of the encoder by default; QLoRA (`qlora=True`) on a frozen
   4-bit NF4 base with double quantization. Gradient checkpointing: on by default with QLoRA
   (without it the 4-bit base peaks above LoRA on the CPU), optional otherwise.
-- Dev evaluation every `checkpoint_steps` and at the end (nDCG@10 on `dev_split`, over the dev
-  positives plus a seeded sample of the corpus); the best checkpoint's adapter is the one saved.
+- Dev evaluation every `checkpoint_steps` and at the end, nDCG@10 on `dev_split`: an embedder
+  searches the dev positives plus a seeded sample of the corpus; a reranker reranks the first
+  stage's top `DEV_RERANK_DEPTH` documents of each dev query (`dev_first_stage`, from
+  `retrieval_lora.pipeline.build_rows`; without it, its positives among 20 sampled documents).
+  A periodic evaluation less than half an interval before the last step is skipped: the final
+  one follows at once. The best checkpoint's adapter is the one saved.
 - Checkpoints every `checkpoint_steps` under `<run>/checkpoints/`. `resume=True` continues from
   the last complete checkpoint (adapter weights, optimizer, scheduler, RNG states, data
   position) after a crash or kill -9; the result equals an uninterrupted run. Checkpoints are
@@ -78,8 +82,8 @@ sharded (FSDP/DeepSpeed) training: a LoRA adapter and a MiniLM/BERT-sized base f
 
 from retrieval_lora.lazy import lazy_exports
 from retrieval_lora.training.config import (
-    CHECKPOINT_FILES, DEFAULT_BATCH_SIZE, DEFAULT_MIN_STEPS, DEFAULT_NEGATIVES, DEV_METRIC, LOSSES, PRECISIONS,
-    RESUME_IGNORED, SCHEDULES, WARM_START_SCALE, WARM_STARTS, TrainConfig,
+    CHECKPOINT_FILES, DEFAULT_BATCH_SIZE, DEFAULT_MIN_STEPS, DEFAULT_NEGATIVES, DEV_METRIC, DEV_RERANK_DEPTH, LOSSES,
+    PRECISIONS, RESUME_IGNORED, SCHEDULES, WARM_START_SCALE, WARM_STARTS, TrainConfig,
     json_ready, mining_config, weight_settings,
 )
 
@@ -97,4 +101,4 @@ __getattr__ = lazy_exports(__name__, {name: ".run" for name in (
     "warm_start_loss",
 )})
 
-__all__ = ["CHECKPOINT_FILES", "DEFAULT_BATCH_SIZE", "DEFAULT_MIN_STEPS", "DEFAULT_NEGATIVES", "WARM_START_SCALE", "WARM_STARTS", "DEV_METRIC", "LOSSES", "PRECISIONS", "RESUME_IGNORED", "SCHEDULES", "TrainConfig", "json_ready", "mining_config", "weight_settings"]  # and the lazily loaded names above
+__all__ = ["CHECKPOINT_FILES", "DEFAULT_BATCH_SIZE", "DEFAULT_MIN_STEPS", "DEFAULT_NEGATIVES", "WARM_START_SCALE", "WARM_STARTS", "DEV_METRIC", "DEV_RERANK_DEPTH", "LOSSES", "PRECISIONS", "RESUME_IGNORED", "SCHEDULES", "TrainConfig", "json_ready", "mining_config", "weight_settings"]  # and the lazily loaded names above
