@@ -208,6 +208,9 @@ def test_a_reranker_is_measured_over_every_first_stage_against_the_frozen_rerank
         assert [row.role for row in comparison.systems if row.first_stage == stage] == [
             "first-stage", "frozen-reranker", "adapter-reranker"]
         assert comparison.tests[f"frozen base reranker over {stage}"].candidate_name == f"adapter over {stage}"
+        if stage != "BM25":  # reranking a first stage against that stage alone; BM25 alone is the gate's bm25 row
+            assert comparison.tests[f"{stage} (no reranking)"].candidate_name == f"adapter over {stage}"
+    assert comparison.tests["BM25 (no reranking)"].candidate_name == "adapter over frozen base embedder"
     assert comparison.roles == {"bm25": "BM25 (no reranking)", "hybrid": f"frozen base reranker over {stages[2]}"}
     assert comparison.paired.baseline_name in ("first stage alone (no reranking)", "frozen base reranker")
     guard = comparison.guards["tiny"]

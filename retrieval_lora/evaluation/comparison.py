@@ -272,6 +272,7 @@ def _reranker_rows(model, base: str, ctx: _Context, first_stage: Run | None, bas
     rows: Rows = {}
     for stage, run in stages.items():
         rows[f"{stage} (no reranking)"] = ("first-stage", run, stage)
+        ctx.pairs[f"{stage} (no reranking)"] = f"adapter over {stage}"  # does reranking this first stage help?
         if base_reranker:
             rows[f"frozen base reranker over {stage}"] = ("frozen-reranker", frozen[stage], stage)
             ctx.pairs[f"frozen base reranker over {stage}"] = f"adapter over {stage}"
