@@ -24,7 +24,7 @@ from typing import Any, Callable
 from prefect import get_run_logger
 
 # Bump when a task's output layout changes, so old cached results are not read back.
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the rows step also writes a reranker's dev_first_stage.json
 KEY_CHARS = 16
 
 

@@ -103,6 +103,14 @@ def _mining_settings(mining: MiningConfig | None) -> dict[str, Any] | None:
     return None if mining is None else {k: v for k, v in plain(mining).items() if k not in NOT_MINING}
 
 
+def _rows_extras(train: TrainConfig, data: DataConfig, loaded: dict[str, Any]) -> dict[str, Any]:
+    """What else goes into the rows step's folder: the teacher's margins, and for a reranker the
+    dev queries' first-stage candidates (`dev_first_stage.json`, which depend on the dev split and
+    on `exclude_self`)."""
+    dev = train.resolved_dev_split(loaded["splits"]) if train.task == "reranker" else None
+    return {"teacher": train.teacher, "dev_first_stage": dev, "exclude_self": data.exclude_self if dev else None}
+
+
 def _training_note(state_name: str, trained: tasks.TrainedRef) -> str:
     if state_name == "Cached":
         return f"skipped: data and settings unchanged, reusing {trained['adapter_dir']}"
@@ -190,7 +198,7 @@ def specialize(data: DataConfig = DataConfig(), train: TrainConfig = TrainConfig
 
     pseudo = train.pseudo_settings()
     rows_key = step_key("rows", loaded["fingerprint"], train.train_split, miner, train.max_seq_length,
-                        _mining_settings(mining), *([repr(pseudo)] if pseudo else []))
+                        _mining_settings(mining), *([repr(pseudo)] if pseudo else []), _rows_extras(train, data, loaded))
     rows = steps.run("rows", tasks.training_rows, check="path", key=rows_key, **source, train=train, mining=mining,
                      out_dir=steps.folder("rows", rows_key))
     train_key = step_key("train", loaded["fingerprint"], rows["fingerprint"], _training_settings(train, loaded["splits"]))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import write_beir
 from retrieval_lora.data import load_beir
 from retrieval_lora.errors import ConfigError, TrainingError
-from retrieval_lora.evaluation import compare_with_base
+from retrieval_lora.evaluation import compare_with_base, score_run
 from retrieval_lora.models import transformer_of
 from retrieval_lora.training import TrainConfig, last_complete_checkpoint, loss_trend, train_adapter
 
@@ -75,7 +75,7 @@ def test_a_periodic_dev_evaluation_just_before_the_last_step_is_skipped(learnabl
 
 def test_a_rerankers_dev_evaluation_reranks_the_miners_top_documents(tiny_beir: Path, tmp_path: Path) -> None:
     from retrieval_lora import pipeline
-    from retrieval_lora.evaluation import ranked, retrieve
+    from retrieval_lora.evaluation import FirstStageDevReranking, ranked, retrieve
     from retrieval_lora.models import load_base
     from retrieval_lora.training import DEV_RERANK_DEPTH
     from retrieval_lora.training.run import _setup_dev_evaluator
@@ -91,11 +91,30 @@ def test_a_rerankers_dev_evaluation_reranks_the_miners_top_documents(tiny_beir: 
     assert saved["run"] == {query_id: [doc for doc, _ in ranked(run)] for query_id, run in miner.items()}
     first_stage = pipeline.dev_first_stage(rows, "dev")
     assert first_stage == saved["run"] and pipeline.dev_first_stage(rows, "test") is None
-    evaluator = _setup_dev_evaluator(config, dataset, first_stage)
-    assert not evaluator.always_rerank_positives  # a positive the first stage missed counts as missed
-    assert [sample["documents"] for sample in evaluator.samples] == [
-        [dataset.corpus[doc].full_text for doc in first_stage[query_id]] for query_id in sorted(first_stage)]
-    assert _setup_dev_evaluator(config, dataset, None).always_rerank_positives  # rows without it: sampled documents
+    evaluator = FirstStageDevReranking(dataset, "dev", first_stage)
+    assert {query_id: [doc for doc, _ in ranked(run)] for query_id, run in evaluator.run.items()} == first_stage
+    assert evaluator.base_metrics["ndcg@10"] == pytest.approx(score_run(dataset.split_qrels("dev"), miner)["ndcg@10"])
+    assert _setup_dev_evaluator(config, dataset).always_rerank_positives  # the default: sampled documents
+
+
+def test_a_rerankers_dev_metric_counts_what_the_first_stage_missed(tiny_beir: Path) -> None:
+    from retrieval_lora.evaluation import FirstStageDevReranking
+    from retrieval_lora.models import load_base
+
+    dataset = load_beir(tiny_beir)
+    qrels = dataset.split_qrels("dev")
+    found, *others = sorted(qrels)
+    positive = next(doc for doc, grade in qrels[found].items() if grade > 0)
+    negative = next(doc for doc in sorted(dataset.corpus) if doc not in qrels[others[0]])
+    # one query gets only its positive, one only a non-relevant document, the rest nothing at all
+    evaluator = FirstStageDevReranking(dataset, "dev", {found: [positive], others[0]: [negative]})
+    metrics = evaluator(load_base("reranker", TrainConfig().base, max_seq_length=48))
+    ideal = score_run({found: qrels[found]}, {found: {positive: 1.0}})["ndcg@10"]  # < 1 if it has other positives
+    # every dev query counts (sentence-transformers' reranking evaluator would average the two it was given)
+    assert metrics["dev_ndcg@10"] == pytest.approx(ideal / len(qrels))
+    assert metrics["dev_ndcg@10"] == pytest.approx(evaluator.base_metrics["ndcg@10"])
+    with pytest.raises(TrainingError, match="found no documents"):
+        FirstStageDevReranking(dataset, "dev", {})  # refused before any training step is paid for
 
 
 def test_a_run_whose_loss_does_not_fall_warns_and_records_it(learnable_beir: Path, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ uses exact inner-product search in FAISS over normalized embeddings (cosine simi
   queries: BM25 (`lexical.bm25_runs`, bm25s), BM25 + dense hybrids (`fusion`, ranx `fuse`,
   convex weights chosen on the dev split only), and for a reranker each first stage reranked.
 - `guard_comparison`: frozen base vs adapter on another dataset (does the adapter forget?).
+- `FirstStageDevReranking`: a reranker's dev metric while it trains, scored as the evaluation scores.
 
 A query of the split that is missing from a run scores 0 on every metric (it was not answered).
 """
@@ -31,7 +32,7 @@ __getattr__ = lazy_exports(__name__, {
                                      "compare_runs", "score_run")},
     **{name: ".runs" for name in ("Run", "check_run_ids", "rerank", "rerank_many", "retrieve", "retrieve_splits",
                                   "search", "ranked", "self_hits")},
-    "read_trec_run": ".trec", "write_trec_run": ".trec",
+    "read_trec_run": ".trec", "write_trec_run": ".trec", "FirstStageDevReranking": ".dev",
 })
 
 __all__ = ["DEFAULT_METRICS", "STAT_TESTS"]  # and the lazily loaded names above

@@ -54,14 +54,17 @@ class MiningResult:
         return concatenate_datasets([self.rows, self.scores], axis=1)
 
 
-def save_mining_result(result: MiningResult, path: str | Path) -> Path:
-    """Write `result` to the folder `path` atomically (layout in the module docstring)."""
+def save_mining_result(result: MiningResult, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write `result` to the folder `path` atomically (layout in the module docstring); `extra`: more JSON
+    files (name -> content) published in the same rename, so the folder never appears without them."""
     target = Path(path)
     staging = staging_dir(target)
     result.rows.save_to_disk(str(staging / "rows"))
     result.scores.save_to_disk(str(staging / "scores"))
     write_json_atomic(staging / "stats.json", result.stats)
     write_json_atomic(staging / "manifest.json", result.manifest)
+    for name, content in (extra or {}).items():
+        write_json_atomic(staging / name, content)
     replace_dir_atomic(staging, target)
     return target
 

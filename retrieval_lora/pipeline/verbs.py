@@ -28,8 +28,8 @@ from retrieval_lora.embedding_cache import EmbeddingCache
 from retrieval_lora.errors import RegistryError
 from retrieval_lora.config import save_config
 from retrieval_lora.evaluation import (
-    Baselines, BM25Settings, Comparison, compare_with_base, guard_comparison, ranked, read_trec_run, rerank,
-    retrieve, score_run, self_hits, write_trec_run,
+    Baselines, BM25Settings, Comparison, FirstStageDevReranking, compare_with_base, guard_comparison, ranked,
+    read_trec_run, rerank, retrieve, score_run, self_hits, write_trec_run,
 )
 from retrieval_lora.gate import GateDecision, GatePolicy
 from retrieval_lora.gate import decide as gate_decide
@@ -126,9 +126,7 @@ def _build_rows(train: TrainConfig, data: DataConfig, dataset: RetrievalDataset,
         del teacher
     first_stage = _dev_first_stage(train, data, dataset, miner, settings)
     with _quiet_dataset_saves():
-        save_mining_result(result, out)
-    if first_stage is not None:
-        write_json_atomic(out / DEV_FIRST_STAGE, first_stage)
+        save_mining_result(result, out, extra={DEV_FIRST_STAGE: first_stage} if first_stage is not None else None)
     rows = result.training_rows()
     return Rows(rows, out / "rows", pairs_fingerprint(rows), mined=True, stats=result.stats)
 
@@ -165,12 +163,21 @@ def train(train: TrainConfig, dataset: RetrievalDataset, rows: Rows, run_dir: st
     A reranker's warm start reads the first stage's scores of mined rows from mining's `scores/`
     beside them (the miner is the warm start's teacher); other rows are scored by encoding them. Its
     dev evaluation reranks the miner's top documents of the dev queries saved there too
-    (`dev_first_stage`); without them, its dev positives among sampled documents."""
+    (`dev_first_stage`, scored by `FirstStageDevReranking` as the evaluation scores); without them,
+    its dev positives among sampled documents."""
     reranker = train.task == "reranker"
+    first_stage, split = None, None
+    if reranker:
+        split = train.resolved_dev_split(dataset.splits)
+        first_stage = dev_first_stage(rows, split)
+        if first_stage is None and split is not None and rows.mined:
+            warnings.warn(f"{rows.path.parent}: no {DEV_FIRST_STAGE} for dev split {split!r} beside the mined rows "
+                          "(written by an older version, or for another split): the dev metric falls back to each "
+                          "dev positive among 20 sampled documents, which tells checkpoints apart poorly; delete the "
+                          "folder to mine the rows again", stacklevel=2)
     return train_adapter(train, dataset, Path(run_dir), rows=rows.rows, callbacks=callbacks,
                          teacher=mined_scores(rows) if reranker else None,
-                         dev_first_stage=dev_first_stage(rows, train.resolved_dev_split(dataset.splits))
-                         if reranker else None)
+                         dev_evaluator=None if first_stage is None else FirstStageDevReranking(dataset, split, first_stage))
 
 
 def mined_scores(rows: Rows) -> list[list[float]] | None:
@@ -190,7 +197,7 @@ def dev_first_stage(rows: Rows, split: str | None) -> dict[str, list[str]] | Non
     if split is None or not rows.mined or not file.is_file():
         return None
     saved = json.loads(file.read_text(encoding="utf-8"))
-    return saved["run"] if saved.get("split") == split else None
+    return saved["run"] if saved.get("split") == split and saved.get("depth") == DEV_RERANK_DEPTH else None
 
 
 @dataclass

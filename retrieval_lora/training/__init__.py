@@ -51,7 +51,9 @@ Features
 - Dev evaluation every `checkpoint_steps` and at the end, nDCG@10 on `dev_split`: an embedder
   searches the dev positives plus a seeded sample of the corpus; a reranker reranks the first
   stage's top `DEV_RERANK_DEPTH` documents of each dev query (`dev_first_stage`, from
-  `retrieval_lora.pipeline.build_rows`; without it, its positives among 20 sampled documents).
+  `retrieval_lora.pipeline.build_rows`), scored with ranx against the split's qrels as the
+  evaluation scores (a positive the first stage missed counts as missed); without it, its
+  positives among 20 sampled documents.
   A periodic evaluation less than half an interval before the last step is skipped: the final
   one follows at once. The best checkpoint's adapter is the one saved.
 - Checkpoints every `checkpoint_steps` under `<run>/checkpoints/`. `resume=True` continues from

@@ -33,7 +33,7 @@ from retrieval_lora.models import (
     install_length_buckets, load_adapter_weights, load_base, save_adapter, trainable_parameters,
 )
 from retrieval_lora.training.config import (
-    CHECKPOINT_FILES, DEV_METRIC, DEV_RERANK_DEPTH, WARM_START_SCALE, TrainConfig, json_ready, weight_settings,
+    CHECKPOINT_FILES, DEV_METRIC, WARM_START_SCALE, TrainConfig, json_ready, weight_settings,
 )
 from retrieval_lora.training.distributed import WholeGlobalBatches, per_device_batch, process_device, uses_cuda, world
 from retrieval_lora.training.teacher import margin_similarity
@@ -349,19 +349,16 @@ def _stage_steps(config: TrainConfig, rows: int, base_has_head: bool, prior: boo
     return wanted if wanted > per_epoch * config.epochs else -1
 
 
-def _setup_dev_evaluator(config: TrainConfig, dataset: RetrievalDataset,
-                         first_stage: dict[str, list[str]] | None = None):
+def _setup_dev_evaluator(config: TrainConfig, dataset: RetrievalDataset):
     """nDCG@10 on the dev split; None to skip. An embedder searches the dev positives plus a seeded
-    corpus sample; a reranker reranks `first_stage` (dev query id -> ranked document ids), else its
-    positives among 20 sampled documents."""
+    corpus sample; a reranker reranks its positives among 20 sampled documents (the pipeline passes
+    `train_adapter` a better one, over the first stage's candidates, when mining saved them)."""
     split = config.resolved_dev_split(dataset.splits)
     if split is None:
         return None
     qrels = dataset.split_qrels(split)  # a named split that does not exist fails here, naming the ones that do
     queries = dataset.split_queries(split)
     relevant = {q: {d for d, grade in qrels[q].items() if grade > 0} for q in queries}
-    if config.task == "reranker" and first_stage is not None:
-        return _first_stage_dev_evaluator(dataset, queries, relevant, first_stage)
     positives = sorted(set().union(*relevant.values()))
     others = sorted(set(dataset.corpus) - set(positives))
     sample = random.Random(config.seed).sample(others, max(0, min(len(others), config.dev_corpus_size - len(positives))))
@@ -374,21 +371,6 @@ def _setup_dev_evaluator(config: TrainConfig, dataset: RetrievalDataset,
                 "documents": [corpus[d] for d in random.Random(f"{config.seed}:{q}").sample(ids, min(20, len(ids)))]}
                for q in queries]
     return _CachedViewsReranking(samples, at_k=10, name="dev", write_csv=False)
-
-
-def _first_stage_dev_evaluator(dataset: RetrievalDataset, queries: dict[str, str], relevant: dict[str, set[str]],
-                               first_stage: dict[str, list[str]]) -> CrossEncoderRerankingEvaluator:
-    """The reranker's dev metric as the evaluation measures it: each dev query's first-stage top
-    `DEV_RERANK_DEPTH` reranked, a positive the first stage missed counting as missed
-    (`always_rerank_positives=False`). Its `base` metrics are the first stage's own order."""
-    samples = []
-    for query_id, text in queries.items():
-        documents = [dataset.corpus[d].full_text for d in first_stage.get(query_id, [])[:DEV_RERANK_DEPTH]
-                     if d in dataset.corpus]
-        if documents:
-            samples.append({"query": text, "positive": [dataset.corpus[d].full_text for d in sorted(relevant[query_id])],
-                            "documents": documents})
-    return _CachedViewsReranking(samples, at_k=10, always_rerank_positives=False, name="dev", write_csv=False)
 
 
 class _CachedViewsReranking(CrossEncoderRerankingEvaluator):
@@ -456,8 +438,7 @@ def _setup_trainer(config: TrainConfig, model: RetrievalModel, rows: Dataset, ev
 
 def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path, rows: Dataset | None = None,
                   callbacks: list[TrainerCallback] | None = None,
-                  teacher: list[list[float]] | None = None,
-                  dev_first_stage: dict[str, list[str]] | None = None) -> TrainResult:
+                  teacher: list[list[float]] | None = None, dev_evaluator=None) -> TrainResult:
     """Train an adapter per `config` on `dataset`; save it to `run_dir / "adapter"`.
 
     `rows` (columns query, positive[, negative_1..N]): the training rows, usually with mined hard
@@ -466,8 +447,9 @@ def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path,
     stage (progress hooks, fault injection in tests). `teacher`: for a reranker's warm start, the
     first stage's cosine scores of `rows` (per row [positive, negative_1..N], as mining recorded them);
     None encodes them (`teacher_scores`). A resumed run skips the warm start: its checkpoint holds the
-    weights the warm start and the steps before it left. `dev_first_stage`: for a reranker's dev
-    evaluation, the first stage's ranked document ids per dev query (the miner's, from mining).
+    weights the warm start and the steps before it left. `dev_evaluator`: a sentence-transformers
+    evaluator named "dev" with an nDCG@10 primary metric to use instead of the default one (the
+    pipeline's for a reranker: `retrieval_lora.evaluation.FirstStageDevReranking`).
 
     Returns the trained model (best checkpoint's adapter, in eval mode) and the saved folder.
 
@@ -493,7 +475,7 @@ def train_adapter(config: TrainConfig, dataset: RetrievalDataset, run_dir: Path,
         elif warm_file.is_file():
             warm = json.loads(warm_file.read_text(encoding="utf-8"))
     rows = rows.shuffle(seed=config.seed)
-    evaluator = _setup_dev_evaluator(config, dataset, dev_first_stage)
+    evaluator = dev_evaluator if dev_evaluator is not None else _setup_dev_evaluator(config, dataset)
     trainer = _setup_trainer(config, model, rows, evaluator, run_dir, headed, prior)
     for callback in callbacks or []:
         trainer.add_callback(callback)
