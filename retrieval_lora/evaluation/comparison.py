@@ -13,7 +13,9 @@ before shipping (`Comparison.systems`, one row each, in this order):
   frozen base reranker and reranked by the adapter.
 Paired tests (`Comparison.tests`, keyed by the baseline row): the adapter against BM25 and the
 base; each hybrid of the adapter against the same hybrid of the base; for a reranker the adapter
-against the frozen reranker over each first stage. `best_vs_runner_up` tests the best row on the
+over each first stage against the frozen reranker over it and against that stage alone (BM25 alone:
+against the adapter over the configured stage). A reranker's gate "hybrid" is the better of the
+BM25 + frozen base hybrid alone and under the frozen reranker. `best_vs_runner_up` tests the best row on the
 primary metric against the second best. Everything is plain data (the flow pickles it).
 """
 
@@ -280,9 +282,11 @@ def _reranker_rows(model, base: str, ctx: _Context, first_stage: Run | None, bas
     if lexical:
         ctx.pairs[f"{BM25_ROW} (no reranking)"] = f"adapter over {configured}"
         ctx.roles["bm25"] = f"{BM25_ROW} (no reranking)"
+        # the hybrid a user could run instead: alone or under the frozen reranker, whichever scores higher
+        # (as the base baseline is the better of the first stage and the frozen reranker)
         hybrid = next(stage for stage in stages if stage.startswith(f"BM25 + {FROZEN_EMBEDDER} ("))
-        if base_reranker:
-            ctx.roles["hybrid"] = f"frozen base reranker over {hybrid}"
+        options = [name for name in (f"{hybrid} (no reranking)", f"frozen base reranker over {hybrid}") if name in rows]
+        ctx.roles["hybrid"] = max(options, key=lambda name: score_run(qrels, rows[name][1], (ctx.primary,))[ctx.primary])
     if baseline_run is not None:
         rows[baseline_name] = ("baseline-run", baseline_run, None)
     considered = {"first stage alone (no reranking)": f"{configured} (no reranking)"}
