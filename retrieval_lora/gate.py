@@ -12,7 +12,8 @@ A candidate passes only when every check passes:
    adapter that is as good within noise stays a challenger, the champion keeps serving);
 6. for each extra baseline in `must_beat`: `bm25` (the adapter against BM25 alone) and `hybrid`
    (BM25 + adapter against BM25 + frozen base, fused the same way; for a reranker, the adapter
-   against the frozen reranker over that hybrid first stage): a gain of at least `min_gain`,
+   over that hybrid first stage against the better of the hybrid alone and the frozen reranker
+   over it): a gain of at least `min_gain`,
    significant when `require_significance` is on;
 7. on each guard dataset (`evaluation.guard_data`), the primary metric drops by at most
    `guard_max_drop` from the frozen base to the adapter (the adapter must not forget).
