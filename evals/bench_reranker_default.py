@@ -96,6 +96,16 @@ FINDINGS: dict[str, list[str]] = {"demo": [
     "two-stage rows over BM25 and the hybrids from the report; reranking the top 10 instead of 20 would cut it "
     "by half but costs quality (0.6039 instead of 0.6268 nDCG@10 on the same adapter's scores); neither was made "
     "the default.",
+    "Over our embedder adapter (the two default jobs' adapters above, then `python -m retrieval_lora.evaluate "
+    "--task reranker --adapter runs/bench_reranker_default/demo/cli-reranker/reranker/adapter --first-stage-adapter "
+    "runs/bench_reranker_default/demo/cli-embedder/embedder/adapter --fusion convex --output "
+    "evals/results/demo_reranker_two_stage`, report in demo_reranker_two_stage/report.md): the embedder adapter alone "
+    "0.6443, the reranker adapter over its top 20 0.6343 (-0.0101, p = 0.36), the frozen base reranker over it "
+    "0.5758. On the demo the reranker adds nothing to our embedder adapter; on SciFact it does (0.6790 -> 0.6976, "
+    "p = 0.012, baselines_scifact_reranker.md). The frozen base reranker over the first stage scored 0.5718 in this "
+    "evaluation and 0.5696 in the CLI job, probably near-ties of the cosine prior ordered differently when the "
+    "pairs are batched with other first stages' (float rounding; not checked); the adapter's 0.6268 is the same in "
+    "both.",
 ]}
 
 
