@@ -108,7 +108,9 @@ def test_a_rerankers_dev_metric_counts_what_the_first_stage_missed(tiny_beir: Pa
     negative = next(doc for doc in sorted(dataset.corpus) if doc not in qrels[others[0]])
     # one query gets only its positive, one only a non-relevant document, the rest nothing at all
     evaluator = FirstStageDevReranking(dataset, "dev", {found: [positive], others[0]: [negative]})
-    metrics = evaluator(load_base("reranker", TrainConfig().base, max_seq_length=48))
+    model = load_base("reranker", TrainConfig().base, max_seq_length=48)
+    metrics = evaluator(model)
+    assert evaluator(model) == metrics  # every checkpoint's evaluation, not only the first
     ideal = score_run({found: qrels[found]}, {found: {positive: 1.0}})["ndcg@10"]  # < 1 if it has other positives
     # every dev query counts (sentence-transformers' reranking evaluator would average the two it was given)
     assert metrics["dev_ndcg@10"] == pytest.approx(ideal / len(qrels))

@@ -49,8 +49,9 @@ class FirstStageDevReranking(SentenceEvaluator):
     def __call__(self, model, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
         reranked = rerank(model, self.dataset, self.run, k=DEV_RERANK_DEPTH, show_progress=False)
         metrics = score_run(self.qrels, reranked, DEV_RERANK_METRICS)
-        logger.info("dev %s: first stage %.4f -> reranked %.4f (%d queries)", self.primary_metric,
-                    self.base_metrics[self.primary_metric], metrics[self.primary_metric], len(self.qrels))
+        main = DEV_RERANK_METRICS[0]  # self.primary_metric gains the "dev_" prefix below, at the first call
+        logger.info("dev %s: first stage %.4f -> reranked %.4f (%d queries)", main, self.base_metrics[main],
+                    metrics[main], len(self.qrels))
         metrics = self.prefix_name_to_metrics(metrics, self.name)
         self.store_metrics_in_model_card_data(model, metrics, epoch, steps)
         return metrics
