@@ -113,7 +113,9 @@ def run_method(args, method: str, teacher: str | None, budget: int) -> dict:
             "loss": config.resolved_loss, "epochs": args.epochs, "loss_fell": bool(trend and trend.fell),
             "base": primary.baseline, "adapter": primary.candidate, "delta": primary.delta, "p_value": primary.p_value,
             "queries": comparison.paired.num_queries, "passed": decision.passed, "reasons": list(decision.reasons),
-            "train_seconds": train_seconds, "threads": args.threads, "command": harness.command_line(__file__)}
+            "train_seconds": train_seconds, "threads": args.threads, "command": harness.command_line(__file__),
+            # the teacher's own quality as its page says now (that page changes when the teacher is retrained)
+            "teacher_ndcg": teacher_quality(args.dataset, "reranker") if teacher and is_adapter(teacher) else None}
 
 
 FINDINGS = [
@@ -179,7 +181,10 @@ def markdown(rows: list[dict]) -> str:
                   f"Frozen base {ref['base']:.4f}; supervised LoRA adapter ({ref['rows']} labelled rows) "
                   f"{ref['adapter']:.4f}; BM25 {ref['bm25']:.4f} (nDCG@10).", ""]
         teachers = {teacher_label(r["teacher"]) for r in rows if r["dataset"] == dataset}
-        taught = teacher_quality(dataset, "reranker") if "our reranker" in teachers else None
+        recorded = [r["teacher_ndcg"] for r in rows if r["dataset"] == dataset and r.get("teacher_ndcg") is not None
+                    and is_adapter(r["teacher"])]  # the teacher these rows were distilled from, not today's
+        taught = (recorded[0] if recorded else teacher_quality(dataset, "reranker")) if "our reranker" in teachers \
+            else None
         if taught is not None:
             lines += [f"Teacher 'our reranker': our default reranker adapter of baselines_{dataset}_reranker.md, "
                       f"trained on the training labels (the student reads none), retrained with the same settings "
