@@ -110,7 +110,8 @@ class _Context:
     baselines: Baselines | None
     choices: dict[str, FusionChoice] = field(default_factory=dict)  # hybrid row name -> its fusion
     pairs: dict[str, str] = field(default_factory=dict)  # baseline row -> the candidate row it is tested against
-    roles: dict[str, str] = field(default_factory=dict)  # gate baseline ("bm25", "hybrid") -> baseline row
+    # gate baseline ("bm25", "hybrid") -> its candidate rows; the best-scoring one (ties: the first) is the gate's
+    roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def splits(self) -> list[str]:
@@ -215,7 +216,7 @@ def _embedder_rows(model, ctx: _Context, baseline_run: Run | None, baseline_name
     rows["adapter"] = ("adapter", adapter_runs[ctx.split], None)
     if lexical:
         ctx.pairs[BM25_ROW] = "adapter"
-        ctx.roles["bm25"] = BM25_ROW
+        ctx.roles["bm25"] = (BM25_ROW,)
     ctx.pairs[base_name] = "adapter"
     if lexical:
         for method in ctx.baselines.fusion:
@@ -223,7 +224,7 @@ def _embedder_rows(model, ctx: _Context, baseline_run: Run | None, baseline_name
             hybrid_adapter, run_adapter = _hybrid(ctx, method, lexical, adapter_runs, "adapter")
             rows[hybrid_base], rows[hybrid_adapter] = ("hybrid-base", run_base, None), ("hybrid-adapter", run_adapter, None)
             ctx.pairs[hybrid_base] = hybrid_adapter
-            ctx.roles.setdefault("hybrid", hybrid_base)
+            ctx.roles.setdefault("hybrid", (hybrid_base,))
     score = lambda m: ctx.dense(m)[ctx.split]  # noqa: E731  (the champion, scored like the candidate)
     return rows, {base_name: base_name}, score, "adapter"
 
@@ -281,12 +282,12 @@ def _reranker_rows(model, base: str, ctx: _Context, first_stage: Run | None, bas
         rows[f"adapter over {stage}"] = ("adapter-reranker", adapted_runs[stage], stage)
     if lexical:
         ctx.pairs[f"{BM25_ROW} (no reranking)"] = f"adapter over {configured}"
-        ctx.roles["bm25"] = f"{BM25_ROW} (no reranking)"
+        ctx.roles["bm25"] = (f"{BM25_ROW} (no reranking)",)
         # the hybrid a user could run instead: alone or under the frozen reranker, whichever scores higher
         # (as the base baseline is the better of the first stage and the frozen reranker)
         hybrid = next(stage for stage in stages if stage.startswith(f"BM25 + {FROZEN_EMBEDDER} ("))
-        options = [name for name in (f"{hybrid} (no reranking)", f"frozen base reranker over {hybrid}") if name in rows]
-        ctx.roles["hybrid"] = max(options, key=lambda name: score_run(qrels, rows[name][1], (ctx.primary,))[ctx.primary])
+        ctx.roles["hybrid"] = tuple(name for name in (f"{hybrid} (no reranking)", f"frozen base reranker over {hybrid}")
+                                    if name in rows)
     if baseline_run is not None:
         rows[baseline_name] = ("baseline-run", baseline_run, None)
     considered = {"first stage alone (no reranking)": f"{configured} (no reranking)"}
@@ -309,7 +310,7 @@ def _add_systems(comparison: Comparison, rows: Rows, scored: dict, test, ctx: _C
     comparison.system_runs = {name: run for name, (_, run, _) in rows.items()}
     comparison.fusion = dict(ctx.choices)
     comparison.tests = {baseline: test(baseline, candidate) for baseline, candidate in ctx.pairs.items()}
-    comparison.roles = dict(ctx.roles)
+    comparison.roles = {role: max(names, key=lambda name: scored[name][ctx.primary]) for role, names in ctx.roles.items()}
     ordered = sorted(comparison.systems, key=lambda row: -row.metrics[ctx.primary])
     if len(ordered) > 1:
         comparison.best_vs_runner_up = test(ordered[1].name, ordered[0].name)
