@@ -48,7 +48,8 @@ def train_ours(config, dataset, data, work: Path, cap: int, seed: int = 42) -> t
     run_dir = work / config.task
     info_file = run_dir / "bench_train.json"
     if info_file.is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file():
-        return run_dir / "adapter", json.loads(info_file.read_text())
+        info = json.loads(info_file.read_text())
+        return run_dir / "adapter", {**info, "log": info.get("log") or training_log(run_dir)}
     started = time.time()
     rows = pipeline.build_rows(config, data, dataset, run_dir / "mining")
     described = pipeline.describe_rows(rows, config.resolved_negatives)
@@ -59,9 +60,36 @@ def train_ours(config, dataset, data, work: Path, cap: int, seed: int = 42) -> t
         described += f"; capped to {cap} rows (seeded shuffle, seed {seed})"
     result = pipeline.train(config, dataset, rows, run_dir)
     info = {"train_rows": result.train_rows, "seconds": round(time.time() - started, 1),
-            "rows": described, "rows_path": str(rows.path)}
+            "rows": described, "rows_path": str(rows.path), "log": training_log(run_dir)}
     info_file.write_text(json.dumps(info))
     return result.adapter_dir, info
+
+
+def training_log(run_dir: Path) -> dict:
+    """The run's training loss at each logged step and its dev metric at each checkpoint ([step, value] pairs),
+    from its last checkpoint's trainer_state.json; {} when it kept none."""
+    states = sorted((run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"),
+                    key=lambda path: int(path.parent.name.rsplit("-", 1)[1]))
+    if not states:
+        return {}
+    history = json.loads(states[-1].read_text())["log_history"]
+    return {"loss": [[entry["step"], round(entry["loss"], 4)] for entry in history if "loss" in entry],
+            "dev": [[entry["step"], round(entry[f"eval_dev_{METRIC}"], 4)] for entry in history
+                    if f"eval_dev_{METRIC}" in entry]}
+
+
+def _log_line(log: dict) -> str:
+    """One sentence on whether the training loss fell and where the dev metric went."""
+    losses = [loss for _, loss in log.get("loss", [])]
+    if not losses:
+        return ""
+    window = min(3, len(losses))
+    line = (f"Training loss, mean of the first and last {window} logged values (every "
+            f"{log['loss'][1][0] - log['loss'][0][0] if len(losses) > 1 else '?'} steps): "
+            f"{sum(losses[:window]) / window:.3f} -> {sum(losses[-window:]) / window:.3f}")
+    if log.get("dev"):
+        line += f"; dev {METRIC} by checkpoint: " + ", ".join(f"step {step} {value:.4f}" for step, value in log["dev"])
+    return line + " (from the run's last checkpoint)."
 
 
 def peer_full(dataset, rows_path: str, guards: dict, work: Path) -> dict:
@@ -101,6 +129,7 @@ def markdown(report: dict) -> str:
                                         if report.get("peer_full_command") not in (None, report["command"]) else ""), "",
              f"Adapter: {what} ({report['train'].get('rows', '')}; trained in {report['train'].get('seconds', '?')} s, "
              f"load-dependent). Paired t-test per baseline row against {counterpart}.", "",
+             *([_log_line(report["train"]["log"]), ""] if _log_line(report["train"].get("log") or {}) else []),
              "| system | nDCG@10 | MRR@10 | Recall@100 | tested against | delta nDCG@10 | p |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         test = tests.get(row["name"])
@@ -172,6 +201,8 @@ def main() -> None:
     config = TrainConfig(task=args.task, dev_split=args.dev_split)
     results = harness.RESULTS / (f"baselines_{args.dataset}" + ("_reranker" if args.task == "reranker" else ""))
     report = harness.read_results(results) if args.reuse else {}
+    if report.get("summary") and not report["train"].get("log"):  # rows kept: add the run's training log if it has one
+        report["train"]["log"] = training_log(work / args.task)
     if not report.get("summary"):
         adapter_dir, train_info = train_ours(config, dataset, data, work, args.max_train_rows)
         embedder = work / "embedder" / "adapter"
