@@ -201,9 +201,9 @@ def test_a_reranker_is_measured_over_every_first_stage_against_the_frozen_rerank
     comparison = evaluate_candidate(Candidate("reranker", reranker, base_path, 32), dataset, evaluation,
                                     DataConfig(cache_dir=""), "ndcg@10", show_progress=False)
     stages = list(dict.fromkeys(row.first_stage for row in comparison.systems))
-    assert stages[:2] == ["frozen base embedder", "BM25"] and stages[3] == "embedder adapter adapter"
+    assert stages[:2] == ["frozen base embedder", "BM25"] and stages[3] == "embedder adapter"
     assert stages[2].startswith("BM25 + frozen base embedder (convex, w_bm25 = ")  # chosen on the 2 dev queries
-    assert stages[4].startswith("BM25 + embedder adapter adapter (convex, w_bm25 = ") and len(stages) == 5
+    assert stages[4].startswith("BM25 + embedder adapter (convex, w_bm25 = ") and len(stages) == 5
     for stage in stages:  # each first stage alone, under the frozen reranker, under the adapter
         assert [row.role for row in comparison.systems if row.first_stage == stage] == [
             "first-stage", "frozen-reranker", "adapter-reranker"]

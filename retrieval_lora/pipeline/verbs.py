@@ -244,6 +244,13 @@ def same_adapter(a: str | Path, b: str | Path) -> bool:
     return digest(a) == digest(b)
 
 
+def _first_stage_label(adapter) -> str:
+    """The report's name of an embedder adapter used as first stage: with its folder's name, unless that
+    is "adapter", the folder every training run saves into ("embedder adapter adapter" said nothing)."""
+    name = Path(str(adapter)).name
+    return "embedder adapter" if name in ("", "adapter") else f"embedder adapter {name}"
+
+
 def evaluate_candidate(candidate: Candidate, dataset: RetrievalDataset, evaluation: EvaluationConfig,
                        data: DataConfig, primary_metric: str, *, champion: str | None = None,
                        registry: str | None = None, show_progress: bool = True) -> Comparison:
@@ -286,7 +293,7 @@ def evaluate_candidate(candidate: Candidate, dataset: RetrievalDataset, evaluati
         baseline_name=evaluation.baseline_name or f"baseline run {Path(str(evaluation.baseline_run)).name}",
         champion=champion_model, champion_name=champion or "champion", baselines=baselines_of(evaluation, data),
         first_stage_model=first_stage_model,
-        first_stage_name=f"embedder adapter {Path(str(evaluation.first_stage_adapter)).name}")
+        first_stage_name=_first_stage_label(evaluation.first_stage_adapter))
     for path, guard in guards.items():
         comparison.guards[guard.name] = guard_comparison(
             candidate.task, model, guard, evaluation.guard_split, base=candidate.base_model, k=evaluation.top_k,
