@@ -186,6 +186,7 @@ TABLES = {  # committed table -> how today's script writes it from the committed
     "reranker_default.md": lambda n: importlib.import_module("bench_reranker_default")._markdown(
         _load("reranker_default.json")["rows"]),
     "pseudo_queries.md": lambda n: importlib.import_module("bench_pseudo").markdown(_load("pseudo_queries.json")["rows"]),
+    "rerank_headroom.md": lambda n: importlib.import_module("rerank_headroom").markdown(_load("rerank_headroom.json")),
 }
 HAND_WRITTEN = {"mining_scifact.md": "Note: ours-cold was measured by a first invocation"}  # added after the run
 
