@@ -48,8 +48,7 @@ def train_ours(config, dataset, data, work: Path, cap: int, seed: int = 42) -> t
     run_dir = work / config.task
     info_file = run_dir / "bench_train.json"
     if info_file.is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file():
-        info = json.loads(info_file.read_text())
-        return run_dir / "adapter", {**info, "log": info.get("log") or training_log(run_dir)}
+        return run_dir / "adapter", json.loads(info_file.read_text())
     started = time.time()
     rows = pipeline.build_rows(config, data, dataset, run_dir / "mining")
     described = pipeline.describe_rows(rows, config.resolved_negatives)
@@ -79,14 +78,16 @@ def training_log(run_dir: Path) -> dict:
 
 
 def _log_line(log: dict) -> str:
-    """One sentence on whether the training loss fell and where the dev metric went."""
-    losses = [loss for _, loss in log.get("loss", [])]
-    if not losses:
+    """One sentence on where the training loss went (the training's own `loss_trend`: "" for a log too short to
+    judge) and where the dev metric went."""
+    from retrieval_lora.training import loss_trend
+
+    window = 3
+    trend = loss_trend([{"loss": loss} for _, loss in log.get("loss", [])], window=window)
+    if trend is None:
         return ""
-    window = min(3, len(losses))
     line = (f"Training loss, mean of the first and last {window} logged values (every "
-            f"{log['loss'][1][0] - log['loss'][0][0] if len(losses) > 1 else '?'} steps): "
-            f"{sum(losses[:window]) / window:.3f} -> {sum(losses[-window:]) / window:.3f}")
+            f"{log['loss'][1][0] - log['loss'][0][0]} steps): {trend.first:.3f} -> {trend.last:.3f}")
     if log.get("dev"):
         line += f"; dev {METRIC} by checkpoint: " + ", ".join(f"step {step} {value:.4f}" for step, value in log["dev"])
     return line + " (from the run's last checkpoint)."
@@ -124,12 +125,13 @@ def markdown(report: dict) -> str:
             if reranker else "our default LoRA embedder")
     counterpart = ("the adapter over the same first stage (BM25 alone: the adapter over the frozen base embedder)"
                    if reranker else "the adapter, or the same hybrid with the adapter")
+    log_line = _log_line(report["train"].get("log") or {})
     lines = [f"# Pipelines on {name} (test, {report['num_queries']} queries)", "",
              f"`{report['command']}`" + (f"; full fine-tuning: `{report['peer_full_command']}`"
                                         if report.get("peer_full_command") not in (None, report["command"]) else ""), "",
              f"Adapter: {what} ({report['train'].get('rows', '')}; trained in {report['train'].get('seconds', '?')} s, "
              f"load-dependent). Paired t-test per baseline row against {counterpart}.", "",
-             *([_log_line(report["train"]["log"]), ""] if _log_line(report["train"].get("log") or {}) else []),
+             *([log_line, ""] if log_line else []),
              "| system | nDCG@10 | MRR@10 | Recall@100 | tested against | delta nDCG@10 | p |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         test = tests.get(row["name"])
@@ -201,8 +203,6 @@ def main() -> None:
     config = TrainConfig(task=args.task, dev_split=args.dev_split)
     results = harness.RESULTS / (f"baselines_{args.dataset}" + ("_reranker" if args.task == "reranker" else ""))
     report = harness.read_results(results) if args.reuse else {}
-    if report.get("summary") and not report["train"].get("log"):  # rows kept: add the run's training log if it has one
-        report["train"]["log"] = training_log(work / args.task)
     if not report.get("summary"):
         adapter_dir, train_info = train_ours(config, dataset, data, work, args.max_train_rows)
         embedder = work / "embedder" / "adapter"
@@ -226,6 +226,8 @@ def main() -> None:
                   "num_queries": comparison.paired.num_queries, "train": train_info, "evaluation_seconds": seconds,
                   "rerank_top_k": evaluation.rerank_top_k, "summary": pipeline.comparison_summary(comparison),
                   "gates": gates}
+    if not report["train"].get("log"):  # rows or an adapter from before logs were kept: the run's, if it has one
+        report["train"]["log"] = training_log(work / args.task)
     if args.peer_full:
         guards = {Path(g).name: pipeline.load_data(pipeline.DataConfig(path=g)) for g in guard_folders}
         report["peer_full"] = peer_full(dataset, report["train"]["rows_path"], guards, work)

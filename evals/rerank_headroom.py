@@ -68,7 +68,7 @@ def main() -> int:
             for query, ranking in run.items():
                 order = [doc for doc, _ in ranked(ranking)]
                 grades = qrels[query]
-                top = sorted(order[:k], key=lambda doc: (-grades.get(doc, 0), order.index(doc)))
+                top = sorted(order[:k], key=lambda doc: -grades.get(doc, 0))  # stable: equal grades keep their order
                 found += any(grades.get(doc, 0) > 0 for doc in top)
                 oracle[query] = {doc: float(len(order) - rank) for rank, doc in enumerate(top + order[k:])}
             row["oracle"][str(k)] = score_run(qrels, oracle, ("ndcg@10",))["ndcg@10"]
