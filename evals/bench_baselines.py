@@ -188,6 +188,9 @@ def main() -> None:
     parser.add_argument("--rerank-top-k", type=int, default=None,
                         help="reranker: documents reranked per first stage (default: EvaluationConfig's, 20)")
     parser.add_argument("--fusion", default=None, help="hybrid methods (default: EvaluationConfig's, convex,rrf)")
+    parser.add_argument("--tag", default="",
+                        help="a variant's name: its results go to baselines_<dataset>[_reranker]_<tag>.{md,json}, "
+                             "beside the default page instead of over it (use its own --work too)")
     args = parser.parse_args()
     harness.torch_threads(args.threads)
     folder = harness.dataset_or_skip(args.dataset)
@@ -201,7 +204,8 @@ def main() -> None:
     dataset = pipeline.load_data(data)
     work = Path(args.work) / args.dataset
     config = TrainConfig(task=args.task, dev_split=args.dev_split)
-    results = harness.RESULTS / (f"baselines_{args.dataset}" + ("_reranker" if args.task == "reranker" else ""))
+    results = harness.RESULTS / (f"baselines_{args.dataset}" + ("_reranker" if args.task == "reranker" else "")
+                                 + (f"_{args.tag}" if args.tag else ""))
     report = harness.read_results(results) if args.reuse else {}
     if not report.get("summary"):
         adapter_dir, train_info = train_ours(config, dataset, data, work, args.max_train_rows)

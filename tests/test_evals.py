@@ -183,6 +183,8 @@ TABLES = {  # committed table -> how today's script writes it from the committed
         _load("baselines_scifact_reranker.json")),
     "baselines_nfcorpus_reranker.md": lambda n: importlib.import_module("bench_baselines").markdown(
         _load("baselines_nfcorpus_reranker.json")),
+    "baselines_nfcorpus_reranker_rows2000.md": lambda n: importlib.import_module("bench_baselines").markdown(
+        _load("baselines_nfcorpus_reranker_rows2000.json")),
     "reranker_default.md": lambda n: importlib.import_module("bench_reranker_default")._markdown(
         _load("reranker_default.json")["rows"]),
     "pseudo_queries.md": lambda n: importlib.import_module("bench_pseudo").markdown(_load("pseudo_queries.json")["rows"]),
