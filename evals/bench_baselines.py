@@ -66,12 +66,13 @@ def train_ours(config, dataset, data, work: Path, cap: int, seed: int = 42) -> t
 
 def training_log(run_dir: Path) -> dict:
     """The run's training loss at each logged step and its dev metric at each checkpoint ([step, value] pairs),
-    from its last checkpoint's trainer_state.json; {} when it kept none."""
-    states = sorted((run_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"),
-                    key=lambda path: int(path.parent.name.rsplit("-", 1)[1]))
-    if not states:
+    from the trainer_state.json of its last complete checkpoint (the one a resume would take); {} when it kept none."""
+    from retrieval_lora.training import last_complete_checkpoint
+
+    checkpoint = last_complete_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
         return {}
-    history = json.loads(states[-1].read_text())["log_history"]
+    history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
     return {"loss": [[entry["step"], round(entry["loss"], 4)] for entry in history if "loss" in entry],
             "dev": [[entry["step"], round(entry[f"eval_dev_{METRIC}"], 4)] for entry in history
                     if f"eval_dev_{METRIC}" in entry]}
